@@ -1,0 +1,73 @@
+"""The ``logonet`` command line: ``logonet segment | finetune | pretrain | evaluate | sample | phantom | bench | demo``.
+
+Each sub-command lives in the module that does its work and exposes two functions:
+``configure(parser)`` adds its arguments and ``run(args) -> int`` does the job. This file only dispatches,
+imports lazily (so ``logonet --help`` is instant) and turns expected errors into one clear line.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Dict, List, Optional, Tuple
+
+from . import __version__
+
+#: command -> (module, one-line help)
+COMMANDS: Dict[str, Tuple[str, str]] = {
+    "segment": ("logonet.infer", "segment a CT (file, DICOM folder, or folder of volumes) with a model card"),
+    "finetune": ("logonet.train.finetune", "supervised fine-tuning on a labelled dataset folder"),
+    "pretrain": ("logonet.ssl.pretrain", "masked self-supervised pre-training on unlabelled volumes"),
+    "evaluate": ("logonet.evaluate", "per-organ Dice and 95% Hausdorff of a prediction against a reference"),
+    "sample": ("logonet.data.sample", "fetch the sample CTs (offline-safe, via pip) and print where they are"),
+    "phantom": ("logonet.data.phantom", "write synthetic abdominal CT phantoms in MSD layout"),
+    "bench": ("logonet.bench", "speed, size and accuracy benchmarks against the paper's peers"),
+    "demo": ("logonet.demo", "fetch the sample CT, segment it with the demo model, report Dice and time"),
+}
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed as one line, exit code 2, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="logonet", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"logonet {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        module.configure(command_parser)
+        command_parser.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        # Import only the module the user asked for.
+        name = argv[0]
+        module_name, help_text = COMMANDS[name]
+        module = importlib.import_module(module_name)
+        parser = argparse.ArgumentParser(prog=f"logonet {name}", description=help_text)
+        module.configure(parser)
+        args = parser.parse_args(argv[1:])
+    else:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        module = args._module
+    try:
+        return int(module.run(args) or 0)
+    except (UserError, FileNotFoundError, ValueError) as error:
+        print(f"logonet {argv[0] if argv else ''}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("logonet: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
