@@ -12,6 +12,7 @@ import sys
 from typing import Dict, List, Optional, Tuple
 
 from . import __version__
+from .errors import UserError
 
 #: command -> (module, one-line help)
 COMMANDS: Dict[str, Tuple[str, str]] = {
@@ -24,10 +25,6 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "bench": ("logonet.bench", "speed, size and accuracy benchmarks against the paper's peers"),
     "demo": ("logonet.demo", "fetch the sample CT, segment it with the demo model, report Dice and time"),
 }
-
-
-class UserError(Exception):
-    """An error caused by the user's input: printed as one line, exit code 2, no traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
