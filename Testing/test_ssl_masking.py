@@ -35,17 +35,17 @@ def test_chains_are_runs_of_at_least_m_slices():
 @pytest.mark.parametrize("axis", [0, 1, 2])
 def test_zeroed_share_and_untouched_slices(axis):
     config = MaskingConfig(phi1=0.1, chain=5, phi2=0.7, slice_axis=axis)
-    crop = torch.rand(4, 1, 48, 40, 32) + 0.5  # strictly positive: a zero means "zeroed by masking"
+    crop = torch.rand(32, 1, 48, 40, 32) + 0.5  # strictly positive: a zero means "zeroed by masking"
     masked, smask = mask_crop(crop, config, torch.Generator().manual_seed(3))
     assert masked.shape == crop.shape and smask.dtype == torch.bool
-    assert smask.shape == (4, crop.shape[2 + axis])
+    assert smask.shape == (32, crop.shape[2 + axis])
     seq_in, seq_out = crop.movedim(2 + axis, 2), masked.movedim(2 + axis, 2)
     # Unmasked slices are bit-identical; masked slices only lose voxels (set to 0) and keep the rest.
     assert torch.equal(seq_out.permute(0, 2, 1, 3, 4)[~smask], seq_in.permute(0, 2, 1, 3, 4)[~smask])
     on_masked = seq_out.permute(0, 2, 1, 3, 4)[smask]
     kept = on_masked != 0
     assert torch.equal(on_masked[kept], seq_in.permute(0, 2, 1, 3, 4)[smask][kept])
-    assert abs((~kept).float().mean().item() - 0.7) < 0.06
+    assert abs((~kept).float().mean().item() - 0.7) < 0.05
 
 
 def test_seeded_masks_repeat_and_differ_between_seeds():
