@@ -1,0 +1,193 @@
+"""The shared training engine: schedule, AMP choice, checkpoints + resume, signals, metrics files, --init."""
+from __future__ import annotations
+
+import csv
+import math
+import pickle
+import signal
+
+import pytest
+import torch
+from torch import nn
+
+from logonet.errors import UserError
+from logonet.events import ProgressReporter, parse_event_line
+from logonet.train import engine as eng
+from logonet.train.init import load_matching
+
+
+class Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.out = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.bn(self.body(x))))
+
+
+def _data(n: int = 64) -> torch.utils.data.TensorDataset:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 4, generator=g)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+    return torch.utils.data.TensorDataset(x, y)
+
+
+def _step(model, batch, device):
+    x, y = (t.to(device) for t in batch)
+    return nn.functional.mse_loss(model(x), y)
+
+
+def _engine(tmp_path, epochs, reporter=None, step=_step, saved=None, lr=0.05):
+    torch.manual_seed(0)
+    loader = eng.make_loader(_data(), batch_size=16, shuffle=True, seed=0)
+
+    def validate(model, device):
+        x, y = _data(32).tensors
+        return {"dice": float(1.0 / (1.0 + nn.functional.mse_loss(model(x), y)))}
+
+    def save(kind, model, epoch, metrics):
+        if saved is not None:
+            saved.append((kind, epoch, metrics["dice"]))
+
+    cfg = eng.TrainConfig(epochs=epochs, lr=lr, warmup_epochs=1, seed=3)
+    return eng.Engine(Toy(), cfg, tmp_path, step_fn=step, train_loader=loader, validate_fn=validate,
+                      save_fn=save, reporter=reporter, dist=eng.DistContext(device=torch.device("cpu")))
+
+
+def test_warmup_cosine_shape():
+    f = eng.warmup_cosine(total_steps=100, warmup_steps=10, min_ratio=0.0)
+    assert f(0) == pytest.approx(0.1)
+    assert f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.5, abs=1e-6)
+    assert f(100) == pytest.approx(0.0, abs=1e-9)
+    assert all(f(i) >= f(i + 1) for i in range(10, 100))
+
+
+def test_amp_choice_and_device(monkeypatch):
+    cpu = torch.device("cpu")
+    assert eng.resolve_amp("auto", cpu) is None  # CPU never autocasts
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert eng.resolve_amp("auto", cuda) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert eng.resolve_amp("auto", cuda) is torch.float16
+    assert eng.resolve_amp("off", cuda) is None
+    with pytest.raises(UserError, match="unknown AMP"):
+        eng.resolve_amp("fp8", cuda)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert eng.select_device("auto").type == "cpu"
+    with pytest.raises(UserError, match="no CUDA GPU"):
+        eng.select_device("cuda")
+
+
+def test_fit_learns_writes_metrics_and_checkpoint(tmp_path):
+    lines = []
+
+    class Sink:
+        def write(self, text):
+            lines.extend(t for t in text.splitlines() if t)
+
+        def flush(self):
+            pass
+
+    saved = []
+    engine = _engine(tmp_path, epochs=6, reporter=ProgressReporter("jsonl", stream=Sink()), saved=saved)
+    result = engine.fit()
+    assert result.epochs_done == 6 and not result.interrupted
+    assert result.history[-1]["loss"] < result.history[0]["loss"] * 0.5
+    assert result.best_value == max(row["dice"] for row in result.history)
+    assert [k for k, *_ in saved].count("last") == 6 and "best" in [k for k, *_ in saved]
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 7)) and {"loss", "dice", "lr"} <= set(rows[0])
+    assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    events = [parse_event_line(line) for line in lines]
+    assert all(e is not None for e in events)
+    epochs = [e for e in events if e["event"] == "epoch"]
+    assert [e["step"] for e in epochs] == list(range(1, 7)) and all(e["total"] == 6 for e in epochs)
+    assert all({"loss", "dice", "best_dice", "lr"} <= set(e) for e in epochs)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 6 and len(state["history"]) == 6
+
+
+def test_resume_continues_from_saved_epoch_and_matches_uninterrupted(tmp_path):
+    full = _engine(tmp_path / "full", epochs=4).fit()
+    first = _engine(tmp_path / "split", epochs=4)
+    # Stop after epoch 2 exactly as a signal would: the flag is checked at the end of the epoch.
+    calls = {"n": 0}
+
+    def step(model, batch, device):
+        calls["n"] += 1
+        if calls["n"] == 2 * first.steps_per_epoch:
+            first.request_stop(signal.SIGTERM)
+        return _step(model, batch, device)
+
+    first.step_fn = step
+    partial = first.fit()
+    assert partial.interrupted
+    saved = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    assert saved["epoch"] == 2
+    second = _engine(tmp_path / "split", epochs=4)
+    result = second.fit(resume=True)
+    assert second.start_epoch == saved["epoch"]
+    assert result.epochs_done == 4 and [r["epoch"] for r in result.history] == [1, 2, 3, 4]
+    # stopped on an epoch boundary: the resumed run is the same run (weights, optimizer, schedule, RNG)
+    assert result.history[-1]["loss"] == pytest.approx(full.history[-1]["loss"], rel=1e-5)
+
+
+def test_sigterm_mid_epoch_saves_and_returns(tmp_path):
+    engine = _engine(tmp_path, epochs=3)
+
+    def step(model, batch, device):
+        signal.raise_signal(signal.SIGTERM)  # handled by the engine: no exit, a flag
+        return _step(model, batch, device)
+
+    engine.step_fn = step
+    result = engine.fit()
+    assert result.interrupted and result.epochs_done == 0
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 0
+    assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None) or callable(signal.getsignal(signal.SIGTERM))
+
+
+def test_checkpoint_with_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("owned",))
+
+    path = tmp_path / "checkpoint.pt"
+    with open(path, "wb") as handle:
+        pickle.dump({"format": "logonet-checkpoint", "x": Evil()}, handle)
+    with pytest.raises(UserError, match="cannot be loaded safely"):
+        eng.load_checkpoint(path)
+    with pytest.raises(UserError, match="no checkpoint to resume"):
+        eng.load_checkpoint(tmp_path / "none.pt")
+
+
+def test_nan_loss_step_is_skipped(tmp_path):
+    engine = _engine(tmp_path, epochs=1)
+    before = [p.detach().clone() for p in engine.model.parameters()]
+
+    def step(model, batch, device):
+        return _step(model, batch, device) * float("nan")
+
+    engine.step_fn = step
+    engine.fit()
+    assert all(torch.equal(a, b) for a, b in zip(before, engine.model.parameters()))
+
+
+def test_load_matching_skips_head_and_mismatches():
+    src = Toy()
+    state = dict(src.state_dict())
+    state["pretrain_head.weight"] = torch.zeros(3)
+    state["out.weight"] = torch.zeros(2, 8)  # another number of classes
+    dst = Toy()
+    report = load_matching(dst, state, "src")
+    assert report.skipped_head == 1 and report.mismatched == ["out.weight"]
+    assert report.loaded == len(dst.state_dict()) - 1
+    assert torch.equal(dst.body.weight, src.body.weight)
+    assert not torch.equal(dst.out.weight, torch.zeros(1, 8))
+    with pytest.raises(UserError, match="shares no tensor"):
+        load_matching(nn.Conv3d(1, 1, 1), state, "src")
+    assert math.isfinite(report.total)

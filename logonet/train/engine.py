@@ -1,0 +1,578 @@
+"""The training loop shared by fine-tuning and SSL pre-training.
+
+One :class:`Engine` owns everything that does not depend on the task: device and AMP, AdamW with linear
+warmup + cosine decay, atomic checkpoints with exact resume (model, optimizer, scheduler, scaler, epoch,
+best metric, RNG states), SIGINT/SIGTERM -> checkpoint and clean exit, fixed seeds, a metrics CSV and PNG
+plot, progress events (:mod:`logonet.events`) and ``torchrun`` / DistributedDataParallel. The task plugs in
+a *step function* (batch -> scalar loss) and optionally a *validation function* (model -> metrics) and a
+*save function* (writes model cards for the best/last model).
+
+Minimal use::
+
+    dist = setup_distributed("auto")
+    loader = make_loader(dataset, batch_size=2, shuffle=True, dist=dist, seed=0)
+    engine = Engine(model, TrainConfig(epochs=10), out_dir, step_fn=lambda m, b, dev: loss_fn(m(b["image"].to(dev)), b["label"].to(dev)),
+                    train_loader=loader, validate_fn=validate, save_fn=save, dist=dist)
+    result = engine.fit(resume=True)
+    cleanup_distributed(dist)
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..events import ProgressReporter
+from ..modelcard import atomic_write
+
+#: step_fn(model, batch, device) -> scalar loss, or (loss, {metric: float}) for extra per-step metrics.
+StepFn = Callable[[nn.Module, Any, torch.device], Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, float]]]]
+#: validate_fn(model, device) -> {"dice": mean, "dice_<organ>": ..., "val_loss": ...}; the model is unwrapped, in eval mode.
+ValidateFn = Callable[[nn.Module, torch.device], Dict[str, float]]
+#: save_fn(kind, model, epoch, metrics) with kind "best" or "last"; called on rank 0 only, model unwrapped.
+SaveFn = Callable[[str, nn.Module, int, Dict[str, float]], None]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_CSV = "metrics.csv"
+METRICS_PNG = "metrics.png"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# device, seeds, distributed
+# ----------------------------------------------------------------------------------------------------------
+def select_device(preference: str = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available else CPU; ``"cpu"``; ``"cuda"``/``"cuda:N"`` (UserError if absent)."""
+    preference = (preference or "auto").lower()
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if preference == "cpu":
+        return torch.device("cpu")
+    if preference.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {preference} was requested but no CUDA GPU is available; "
+                            "use --device cpu or --device auto")
+        return torch.device(preference)
+    raise UserError(f"unknown device {preference!r}: use auto, cpu, cuda or cuda:N")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) so a run is repeatable."""
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+@dataclass
+class DistContext:
+    """Where this process sits in a (possibly single-process) job."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: Optional[str] = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> DistContext:
+    """Join the ``torchrun`` process group when launched by it (env ``WORLD_SIZE`` > 1), else a single process.
+
+    Backend: NCCL on CUDA (one GPU per local rank), gloo on CPU.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistContext(device=select_device(device))
+    import torch.distributed as tdist
+
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = select_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    if not tdist.is_initialized():
+        tdist.init_process_group(backend=backend, init_method="env://")
+    return DistContext(rank=rank, local_rank=local_rank, world_size=world_size, device=dev, backend=backend)
+
+
+def cleanup_distributed(ctx: Optional[DistContext]) -> None:
+    if ctx is not None and ctx.distributed:
+        import torch.distributed as tdist
+
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
+def make_loader(dataset: Any, batch_size: int, *, shuffle: bool = True, dist: Optional[DistContext] = None,
+                seed: int = 0, num_workers: int = 0, collate_fn: Optional[Callable] = None,
+                drop_last: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader that shards with a DistributedSampler under torchrun (the engine calls ``set_epoch``)."""
+    sampler = None
+    if dist is not None and dist.distributed:
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank,
+                                                      shuffle=shuffle, seed=seed, drop_last=drop_last)
+    # No private generator: shuffling draws from torch's global RNG, which checkpoints save and resume restores.
+    kwargs: Dict[str, Any] = {}
+    if collate_fn is not None:
+        kwargs["collate_fn"] = collate_fn
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                                       sampler=sampler, num_workers=num_workers,
+                                       drop_last=drop_last, persistent_workers=num_workers > 0, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# AMP and schedule
+# ----------------------------------------------------------------------------------------------------------
+def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """Autocast dtype for ``amp`` in auto|bf16|fp16|off. CPU never autocasts (3-D convs are slower in bf16 there)."""
+    amp = (amp or "auto").lower()
+    if amp not in ("auto", "bf16", "fp16", "off"):
+        raise UserError(f"unknown AMP mode {amp!r}: use auto, bf16, fp16 or off")
+    if device.type != "cuda" or amp == "off":
+        return None
+    if amp == "fp16":
+        return torch.float16
+    if amp == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` when ``dtype`` is set, else a no-op context."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:
+    """LR multiplier: linear warmup from 1/warmup to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
+    total_steps = max(1, total_steps)
+    warmup_steps = max(0, min(warmup_steps, total_steps - 1))
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoints (tensors and plain containers only, so they load with weights_only=True)
+# ----------------------------------------------------------------------------------------------------------
+def _rng_state() -> Dict[str, Any]:
+    np_state = np.random.get_state()
+    state: Dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_tuple(v) for v in value)
+    return value
+
+
+def save_checkpoint(path: Union[str, Path], state: Dict[str, Any]) -> None:
+    """Write a training checkpoint atomically (temp file + os.replace): a crash never leaves half a file."""
+    with atomic_write(Path(path)) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``: never runs code from the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint to resume from at {path}; run without --resume to start fresh")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a pickle with code, a truncated or foreign file
+        raise UserError(f"checkpoint {path} cannot be loaded safely ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''}); delete it or start without --resume") from error
+
+
+# ----------------------------------------------------------------------------------------------------------
+# metrics CSV + plot
+# ----------------------------------------------------------------------------------------------------------
+def write_metrics(history: List[Dict[str, Any]], out_dir: Union[str, Path]) -> Tuple[Path, Path]:
+    """Write ``metrics.csv`` (one row per epoch, union of keys) and ``metrics.png`` (loss and Dice curves)."""
+    out_dir = Path(out_dir)
+    keys: List[str] = []
+    for row in history:
+        for key in row:
+            if key not in keys:
+                keys.append(key)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=keys, restval="", lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    csv_path = out_dir / METRICS_CSV
+    with atomic_write(csv_path) as tmp:
+        tmp.write_text(buffer.getvalue())
+
+    # Figure + Agg canvas directly: no pyplot global state, works headless and inside other GUIs.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.5))
+    FigureCanvasAgg(fig)
+    ax_loss, ax_dice = fig.subplots(1, 2)
+    epochs = [row.get("epoch") for row in history]
+    for key in ("loss", "val_loss"):
+        pts = [(e, row[key]) for e, row in zip(epochs, history) if isinstance(row.get(key), (int, float))]
+        if pts:
+            ax_loss.plot(*zip(*pts), marker=".", label=key)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_title("loss")
+    ax_loss.legend(loc="best")
+    pts = [(e, row["dice"]) for e, row in zip(epochs, history) if isinstance(row.get("dice"), (int, float))]
+    if pts:
+        ax_dice.plot(*zip(*pts), marker=".", color="tab:green", label="val mean Dice")
+        ax_dice.set_ylim(0, 1)
+        ax_dice.legend(loc="best")
+    ax_dice.set_xlabel("epoch")
+    ax_dice.set_title("validation Dice")
+    fig.tight_layout()
+    png_path = out_dir / METRICS_PNG
+    with atomic_write(png_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return csv_path, png_path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the engine
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """Task-independent settings; defaults are the paper's (AdamW lr 1e-4, wd 1e-5, warmup + cosine)."""
+
+    epochs: int
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    warmup_epochs: int = 0
+    min_lr_ratio: float = 0.0
+    amp: str = "auto"              # auto | bf16 | fp16 | off (CPU: always off)
+    grad_clip: Optional[float] = None
+    seed: int = 0
+    val_every: int = 1             # validate every N epochs and always on the last one
+    monitor: str = "dice"          # metric that decides the "best" model
+    monitor_mode: str = "max"      # "max" (Dice) or "min" (a loss)
+    find_unused_parameters: bool = False
+
+
+@dataclass
+class FitResult:
+    epochs_done: int
+    best_value: Optional[float]
+    best_epoch: Optional[int]
+    history: List[Dict[str, Any]]
+    interrupted: bool = False
+
+
+class Engine:
+    """Run ``config.epochs`` epochs of ``step_fn`` over ``train_loader`` with validation, checkpoints and resume.
+
+    ``model`` is moved to the device; under torchrun it is wrapped in DDP (SyncBatchNorm on CUDA; CPU/gloo
+    keeps plain BatchNorm because SyncBatchNorm needs a GPU, and DDP broadcasts rank 0's buffers instead).
+    ``step_fn`` receives the wrapped model (so gradients synchronise); ``validate_fn`` and ``save_fn`` the
+    unwrapped one, on rank 0 only. Output files in ``out_dir``: ``checkpoint.pt``, ``metrics.csv``,
+    ``metrics.png`` (+ whatever ``save_fn`` writes).
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig, out_dir: Union[str, Path], *, step_fn: StepFn,
+                 train_loader: Any, validate_fn: Optional[ValidateFn] = None, save_fn: Optional[SaveFn] = None,
+                 reporter: Optional[ProgressReporter] = None, dist: Optional[DistContext] = None,
+                 params: Optional[List[nn.Parameter]] = None) -> None:
+        if config.epochs < 1:
+            raise UserError(f"epochs must be at least 1, got {config.epochs}")
+        self.config = config
+        self.dist = dist or DistContext(device=select_device("auto"))
+        self.device = self.dist.device
+        self.out_dir = Path(out_dir)
+        self.step_fn = step_fn
+        self.validate_fn = validate_fn
+        self.save_fn = save_fn
+        self.train_loader = train_loader
+        quiet = ProgressReporter("none")
+        self.reporter = (reporter or quiet) if self.dist.is_main else quiet
+        self.amp_dtype = resolve_amp(config.amp, self.device)
+
+        self.model = model.to(self.device)
+        self.train_model: nn.Module = self.model
+        if self.dist.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            if self.device.type == "cuda":
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=config.find_unused_parameters)
+        trainable = params if params is not None else [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+        steps_per_epoch = max(1, len(train_loader))
+        self.steps_per_epoch = steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch,
+                                          config.min_lr_ratio))
+        # A GradScaler only for fp16: bf16 has fp32's range and needs no loss scaling.
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.start_epoch = 0
+        self.best_value: Optional[float] = None
+        self.best_epoch: Optional[int] = None
+        self.history: List[Dict[str, Any]] = []
+        self._stop_signal: Optional[int] = None
+
+    # -- state -------------------------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / CHECKPOINT_NAME
+
+    def state_dict(self, epochs_done: int) -> Dict[str, Any]:
+        return {
+            "format": "logonet-checkpoint",
+            "epoch": epochs_done,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "best_value": self.best_value,
+            "best_epoch": self.best_epoch,
+            "history": self.history,
+            "rng": _rng_state(),
+            "config": {"epochs": self.config.epochs, "lr": self.config.lr, "seed": self.config.seed},
+        }
+
+    def save(self, epochs_done: int) -> Optional[Path]:
+        """Rank 0 writes ``checkpoint.pt`` atomically; returns its path (None on other ranks)."""
+        if not self.dist.is_main:
+            return None
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(self.checkpoint_path, self.state_dict(epochs_done))
+        self.reporter.emit("checkpoint", step=epochs_done, total=self.config.epochs, path=str(self.checkpoint_path))
+        return self.checkpoint_path
+
+    def load(self, path: Optional[Union[str, Path]] = None) -> int:
+        """Restore everything from a checkpoint; returns the number of epochs already done."""
+        state = load_checkpoint(path or self.checkpoint_path)
+        if state.get("format") != "logonet-checkpoint":
+            raise UserError(f"{path or self.checkpoint_path} is not a logonet training checkpoint")
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as error:
+            raise UserError("the checkpoint does not fit this model (different architecture, preset or classes?): "
+                            f"{str(error).splitlines()[0]}") from error
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.best_value = state.get("best_value")
+        self.best_epoch = state.get("best_epoch")
+        self.history = list(state.get("history") or [])
+        _set_rng_state(state["rng"])
+        self.start_epoch = int(state["epoch"])
+        return self.start_epoch
+
+    # -- signals -----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step boundary and returns."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {}
+
+        def handler(signum: int, frame: Any) -> None:
+            self._stop_signal = signum
+            # A second Ctrl-C falls through to the default behaviour (immediate KeyboardInterrupt).
+            signal.signal(signal.SIGINT, previous.get(signal.SIGINT, signal.default_int_handler))
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """Ask the loop to checkpoint and stop at the next step boundary (what a signal does)."""
+        self._stop_signal = signum
+
+    def _should_stop(self) -> bool:
+        flag = 1.0 if self._stop_signal is not None else 0.0
+        if self.dist.distributed:
+            import torch.distributed as tdist
+
+            # Every rank must agree, or the ones that go on would hang in the next all-reduce.
+            t = torch.tensor([flag], device=self.device)
+            tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+            flag = float(t.item())
+        return flag > 0
+
+    # -- loop --------------------------------------------------------------------------------------------
+    def _better(self, value: float) -> bool:
+        if self.best_value is None:
+            return True
+        return value > self.best_value if self.config.monitor_mode == "max" else value < self.best_value
+
+    def _barrier(self) -> None:
+        if self.dist.distributed:
+            import torch.distributed as tdist
+
+            tdist.barrier()
+
+    def _mean_over_ranks(self, value: float) -> float:
+        if not self.dist.distributed:
+            return value
+        import torch.distributed as tdist
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        tdist.all_reduce(t)
+        return float(t.item()) / self.dist.world_size
+
+    def train_epoch(self, epoch: int) -> Tuple[float, Dict[str, float], bool]:
+        """One pass over the loader; returns (mean loss, mean extra metrics, stopped early by a signal)."""
+        self.train_model.train()
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        total, count, skipped = 0.0, 0, 0
+        extra_sums: Dict[str, float] = {}
+        stopped = False
+        desc = f"epoch {epoch + 1}/{self.config.epochs}"
+        n_batches = len(self.train_loader)
+        for index, batch in enumerate( self.reporter.iterate(self.train_loader, total=n_batches, desc=desc)):
+            self.optimizer.zero_grad(set_to_none=True)
+            with autocast(self.device, self.amp_dtype):
+                out = self.step_fn(self.train_model, batch, self.device)
+            loss, extra = out if isinstance(out, tuple) else (out, {})
+            if not torch.isfinite(loss.detach()).all() and not self.scaler.is_enabled():
+                # A NaN step would poison the weights; skip it and say so (fp16 lets the scaler deal with it).
+                skipped += 1
+                self.reporter.emit("warning", message=f"non-finite loss at {desc}, step skipped")
+            else:
+                self.scaler.scale(loss).backward()
+                if self.config.grad_clip:
+                    self.scaler.unscale_(self.optimizer)
+                    nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                total += float(loss.detach())
+                count += 1
+                for key, value in extra.items():
+                    extra_sums[key] = extra_sums.get(key, 0.0) + float(value)
+            self.scheduler.step()
+            # A stop on the last step is handled after the epoch is saved, so resume starts on a clean boundary.
+            if index + 1 < n_batches and self._should_stop():
+                stopped = True
+                break
+        mean_loss = self._mean_over_ranks(total / max(1, count))
+        extras = {k: self._mean_over_ranks(v / max(1, count)) for k, v in extra_sums.items()}
+        return mean_loss, extras, stopped
+
+    def validate(self) -> Dict[str, float]:
+        """Rank 0 runs ``validate_fn`` on the unwrapped model in eval mode; other ranks wait."""
+        metrics: Dict[str, float] = {}
+        if self.validate_fn is not None and self.dist.is_main:
+            self.model.eval()
+            with torch.no_grad():
+                metrics = dict(self.validate_fn(self.model, self.device))
+            self.model.train()
+        self._barrier()
+        return metrics
+
+    def fit(self, resume: bool = False) -> FitResult:
+        """Train (optionally resuming from ``out_dir/checkpoint.pt``); returns the history and best metric."""
+        seed_everything(self.config.seed + self.dist.rank)
+        if resume:
+            done = self.load()
+            self.reporter.emit("stage", stage="resume", epoch=done, path=str(self.checkpoint_path))
+        epochs = self.config.epochs
+        self.reporter.emit("start", step=self.start_epoch, total=epochs, device=str(self.device),
+                           world_size=self.dist.world_size, amp=str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off")
+        interrupted = False
+        epoch = self.start_epoch
+        with self._signals():
+            while epoch < epochs:
+                t0 = time.monotonic()
+                loss, extras, stopped = self.train_epoch(epoch)
+                if stopped:
+                    interrupted = True
+                    # The unfinished epoch is redone on resume; the weights keep what it learnt so far.
+                    self.save(epoch)
+                    self.reporter.emit("warning", message=f"stopped by signal {self._stop_signal}; "
+                                                          "resume with --resume")
+                    break
+                row: Dict[str, Any] = {"epoch": epoch + 1, "loss": loss, **extras,
+                                       "lr": self.optimizer.param_groups[0]["lr"]}
+                if (epoch + 1) % max(1, self.config.val_every) == 0 or epoch + 1 == epochs:
+                    row.update(self.validate())
+                row["time_s"] = round(time.monotonic() - t0, 3)
+                value = row.get(self.config.monitor)
+                improved = isinstance(value, (int, float)) and math.isfinite(value) and self._better(float(value))
+                if improved:
+                    self.best_value, self.best_epoch = float(value), epoch + 1
+                self.history.append(row)
+                epoch += 1
+                if self.dist.is_main:
+                    metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+                    if improved and self.save_fn is not None:
+                        self.save_fn("best", self.model, epoch, metrics)
+                    if self.save_fn is not None:
+                        self.save_fn("last", self.model, epoch, metrics)
+                    write_metrics(self.history, self.out_dir)
+                    self.save(epoch)
+                    best_key = "best_dice" if self.config.monitor == "dice" else f"best_{self.config.monitor}"
+                    self.reporter.emit("epoch", step=epoch, total=epochs, loss=loss, dice=row.get("dice"),
+                                       lr=row["lr"], **{best_key: self.best_value},
+                                       **{k: v for k, v in row.items()
+                                          if k not in ("epoch", "loss", "dice", "lr")})
+                self._barrier()
+                if self._should_stop():
+                    interrupted = True
+                    self.reporter.emit("warning", message=f"stopped by signal {self._stop_signal}; "
+                                                          "resume with --resume")
+                    break
+        return FitResult(epochs_done=epoch, best_value=self.best_value, best_epoch=self.best_epoch,
+                         history=self.history, interrupted=interrupted)
