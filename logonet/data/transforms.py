@@ -1,0 +1,294 @@
+"""MONAI transform pipelines that follow the paper's recipe (paper-facts §3), all driven by one config.
+
+Dict keys are ``"image"`` and ``"label"``. Typical use::
+
+    cfg = PreprocessConfig()                         # BTCV recipe; PreprocessConfig.preset("msd") for MSD
+    train_ds = cached_dataset(cases, train_transforms(cfg), cfg.cache_dir)   # cases: [{"image", "label"}]
+    val_ds = cached_dataset(cases, val_transforms(cfg), cfg.cache_dir)
+
+Inference (map the prediction back onto the input's exact grid)::
+
+    original = io.read_image(path)                   # SimpleITK image, the grid to write on
+    x = preprocess_for_inference(original, cfg)      # MetaTensor (1, X, Y, Z), RAS, target spacing, [0, 1]
+    logits = sliding_window_inference(x[None], cfg.roi_size, 4, net, overlap=0.5)   # (1, C, X, Y, Z)
+    labels = labels_to_input_grid(logits[0], original)    # SimpleITK uint8 image on original's grid
+    io.write_labelmap(labels, original, out_path, names)
+
+``labels_to_input_grid`` takes the argmax if given class scores, converts with the MetaTensor's affine
+(which MONAI keeps up to date through orientation, resampling and foreground cropping) and resamples with
+nearest neighbour onto the original grid; voxels outside the processed region become background.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import UserError
+from . import io
+
+KEYS = ("image", "label")
+
+
+@dataclass
+class PreprocessConfig:
+    """Preprocessing and augmentation settings (paper-facts §3; defaults = the BTCV recipe).
+
+    spacing is in mm along the axes of ``orientation`` (RAS: x, y, z); intensity_window is the HU range
+    mapped linearly to [0, 1] with clipping; roi_size is the crop (and sliding-window) size.
+    """
+
+    orientation: str = "RAS"
+    spacing: Tuple[float, float, float] = (1.5, 1.5, 2.0)
+    intensity_window: Tuple[float, float] = (-175.0, 250.0)
+    roi_size: Tuple[int, int, int] = (96, 96, 96)
+    crop_foreground: bool = True  # crop to the body (voxels above the window's low end)
+    num_samples: int = 4  # random crops per volume and iteration
+    pos: float = 1.0  # RandCropByPosNegLabeld: crops centred on foreground ...
+    neg: float = 1.0  # ... vs on background
+    flip_prob: float = 0.2  # per axis
+    rot90_prob: float = 0.2
+    intensity_scale: float = 0.1  # RandScaleIntensityd factors
+    intensity_shift: float = 0.1  # RandShiftIntensityd offsets
+    intensity_prob: float = 0.1
+    cache_dir: Optional[str] = None  # PersistentDataset folder; None = no cache
+
+    def __post_init__(self) -> None:
+        self.spacing = _float_tuple(self.spacing, 3, "spacing")
+        self.intensity_window = _float_tuple(self.intensity_window, 2, "intensity_window")
+        self.roi_size = tuple(int(v) for v in _float_tuple(self.roi_size, 3, "roi_size"))  # type: ignore[assignment]
+        if any(s <= 0 for s in self.spacing):
+            raise UserError(f"preprocessing spacing must be positive, got {self.spacing}")
+        if self.intensity_window[0] >= self.intensity_window[1]:
+            raise UserError(f"intensity_window must be (low, high) with low < high, got {self.intensity_window}")
+        if any(r < 1 for r in self.roi_size):
+            raise UserError(f"roi_size must be positive, got {self.roi_size}")
+        if self.num_samples < 1:
+            raise UserError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.pos < 0 or self.neg < 0 or self.pos + self.neg <= 0:
+            raise UserError(f"pos/neg crop ratio must be non-negative and not both 0, got {self.pos}/{self.neg}")
+        for name in ("flip_prob", "rot90_prob", "intensity_prob"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise UserError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
+        if len(self.orientation) != 3:
+            raise UserError(f"orientation must be three axis codes such as 'RAS', got {self.orientation!r}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "PreprocessConfig":
+        """``"btcv"`` (1.5x1.5x2 mm, HU -175..250), ``"msd"`` (1 mm, HU -100..2000), ``"ssl"`` (HU -1000..1000)."""
+        presets: Dict[str, Dict[str, Any]] = {
+            "btcv": {},
+            "msd": {"spacing": (1.0, 1.0, 1.0), "intensity_window": (-100.0, 2000.0)},
+            "ssl": {"intensity_window": (-1000.0, 1000.0)},
+        }
+        if name.lower() not in presets:
+            raise UserError(f"unknown preprocessing preset {name!r}; choose one of {sorted(presets)}")
+        return cls(**{**presets[name.lower()], **overrides})
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready dict (tuples as lists) for ``model.json`` ``"preprocessing"``."""
+        out = dataclasses.asdict(self)
+        for key, value in out.items():
+            if isinstance(value, tuple):
+                out[key] = list(value)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PreprocessConfig":
+        """Inverse of :meth:`to_dict`. Missing keys take defaults; unknown keys (newer versions) are ignored."""
+        if not isinstance(data, Mapping):
+            raise UserError(f"preprocessing settings must be a JSON object, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except (TypeError, ValueError) as error:
+            raise UserError(f"invalid preprocessing settings {dict(data)}: {error}") from error
+
+
+def _float_tuple(value: Any, n: int, name: str) -> Tuple[float, ...]:
+    if isinstance(value, (int, float)):
+        value = [value] * n
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be {n} numbers, got {value!r}") from None
+    if len(out) != n:
+        raise UserError(f"{name} must be {n} numbers, got {value!r}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ pipelines
+def _deterministic(cfg: PreprocessConfig, keys: Sequence[str], load: bool, pad: bool) -> List[Any]:
+    """Load -> orientation -> spacing -> HU window -> foreground crop (-> pad to roi). Cached by PersistentDataset."""
+    from monai import transforms as mt
+
+    has_label = "label" in keys
+    steps: List[Any] = []
+    if load:
+        steps.append(mt.LoadImaged(keys=list(keys), reader=io.SimpleITKReader(), ensure_channel_first=True,
+                                   image_only=True))
+    else:
+        steps.append(mt.EnsureChannelFirstd(keys=list(keys), channel_dim="no_channel", strict_check=False))
+    steps += [
+        mt.Orientationd(keys=list(keys), axcodes=cfg.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        mt.Spacingd(keys=list(keys), pixdim=cfg.spacing,
+                    mode=("bilinear", "nearest") if has_label else "bilinear"),
+        mt.ScaleIntensityRanged(keys="image", a_min=cfg.intensity_window[0], a_max=cfg.intensity_window[1],
+                                b_min=0.0, b_max=1.0, clip=True),
+    ]
+    if cfg.crop_foreground:
+        # Air (below the window) is 0 after scaling: crop to the body bounding box.
+        steps.append(mt.CropForegroundd(keys=list(keys), source_key="image", allow_smaller=True))
+    if pad:
+        # Small volumes: pad so every random crop is exactly roi_size.
+        steps.append(mt.SpatialPadd(keys=list(keys), spatial_size=cfg.roi_size))
+    return steps
+
+
+def train_transforms(cfg: PreprocessConfig, keys: Sequence[str] = KEYS) -> Any:
+    """Training pipeline: deterministic part, label-balanced ``num_samples`` crops of ``roi_size``, paper
+    augmentations (flips per axis, rot90, intensity scale/shift), then a clip to [0, 1].
+
+    Output per item: a list of ``num_samples`` dicts, ``image`` (1, *roi_size) float32 in [0, 1] and ``label``
+    (1, *roi_size) float32 label values.
+    """
+    from monai import transforms as mt
+
+    keys = list(keys)
+    steps = _deterministic(cfg, keys, load=True, pad=True)
+    if "label" in keys:
+        steps.append(mt.RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=cfg.roi_size,
+                                               pos=cfg.pos, neg=cfg.neg, num_samples=cfg.num_samples,
+                                               image_key="image", image_threshold=0, allow_smaller=False))
+    else:  # unlabeled (SSL): plain random crops
+        steps.append(mt.RandSpatialCropSamplesd(keys=keys, roi_size=cfg.roi_size, num_samples=cfg.num_samples,
+                                                random_size=False))
+    steps += [mt.RandFlipd(keys=keys, prob=cfg.flip_prob, spatial_axis=axis) for axis in range(3)]
+    steps += [
+        mt.RandRotate90d(keys=keys, prob=cfg.rot90_prob, max_k=3),
+        mt.RandScaleIntensityd(keys="image", factors=cfg.intensity_scale, prob=cfg.intensity_prob),
+        mt.RandShiftIntensityd(keys="image", offsets=cfg.intensity_shift, prob=cfg.intensity_prob),
+        # Scale/shift may leave [0, 1]; the network's input contract is [0, 1].
+        mt.ScaleIntensityRanged(keys="image", a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True),
+        mt.EnsureTyped(keys=keys, track_meta=False),
+    ]
+    return mt.Compose(steps)
+
+
+def val_transforms(cfg: PreprocessConfig, keys: Sequence[str] = KEYS) -> Any:
+    """Validation pipeline: the deterministic part only (whole volume, for sliding-window inference)."""
+    from monai import transforms as mt
+
+    return mt.Compose(_deterministic(cfg, list(keys), load=True, pad=False))
+
+
+def infer_transforms(cfg: PreprocessConfig, load: bool = True) -> Any:
+    """Inference pipeline for ``{"image": path}`` (or, with ``load=False``, ``{"image": MetaTensor (X, Y, Z)}``).
+
+    The output ``image`` is a MetaTensor (1, X, Y, Z) whose ``affine`` maps back to the world; see
+    :func:`labels_to_input_grid`.
+    """
+    from monai import transforms as mt
+
+    return mt.Compose(_deterministic(cfg, ["image"], load=load, pad=False))
+
+
+def preprocess_for_inference(image: sitk.Image, cfg: PreprocessConfig) -> Any:
+    """SimpleITK image (already read) -> network-ready MetaTensor (1, X, Y, Z) with an up-to-date RAS affine."""
+    tensor = io.image_to_metatensor(image, add_channel=False, dtype=np.float32)
+    return infer_transforms(cfg, load=False)({"image": tensor})["image"]
+
+
+def labels_to_input_grid(prediction: Any, original_image: sitk.Image, affine: Optional[Any] = None) -> sitk.Image:
+    """Network output on the processed grid -> uint8/uint16 label image on ``original_image``'s exact grid.
+
+    prediction: MetaTensor/array (C, X, Y, Z) class scores (argmax taken over C when C > 1), (1, X, Y, Z) or
+    (X, Y, Z) labels; a leading batch axis of 1 is dropped. ``affine`` (RAS, 4x4) defaults to the
+    MetaTensor's. Resampling is nearest neighbour; outside the processed region is background (0).
+    """
+    if affine is None:
+        affine = getattr(prediction, "affine", None)
+    if affine is None:
+        raise ValueError("labels_to_input_grid needs a MetaTensor prediction or an explicit RAS affine")
+    array = prediction.detach().cpu().numpy() if hasattr(prediction, "detach") else np.asarray(prediction)
+    affine = affine.detach().cpu().numpy() if hasattr(affine, "detach") else np.asarray(affine)
+    if array.ndim == 5:
+        if array.shape[0] != 1:
+            raise ValueError(f"labels_to_input_grid handles one case at a time, got batch shape {array.shape}")
+        array = array[0]
+        affine = affine[0] if affine.ndim == 3 else affine
+    if array.ndim == 4:
+        array = array.argmax(axis=0) if array.shape[0] > 1 else array[0]
+    if array.ndim != 3:
+        raise ValueError(f"expected (C, X, Y, Z) scores or (X, Y, Z) labels, got shape {array.shape}")
+    array = np.rint(array).astype(np.uint16 if array.max(initial=0) > 255 else np.uint8)
+    label_image = io.metatensor_to_image(array, affine=affine)
+    return io.resample_to_reference(label_image, original_image)
+
+
+# ------------------------------------------------------------------------------------------ caching
+def _item_hash(item: Any) -> bytes:
+    """Cache key of a data item: its content plus size/mtime of every file it names (edits invalidate)."""
+    from monai.data.utils import pickle_hashing
+
+    stamp: Dict[str, Any] = {}
+    if isinstance(item, Mapping):
+        for key, value in sorted(item.items()):
+            stamp[key] = value
+            if isinstance(value, (str, os.PathLike)) and os.path.exists(value):
+                st = os.stat(value)
+                stamp[key + "#stat"] = (st.st_size, st.st_mtime_ns)
+    else:
+        stamp["item"] = item
+    return pickle_hashing(stamp)
+
+
+def _transform_hash(transform: Any) -> bytes:
+    """Cache key part for the transform chain: its configuration, so changed settings never hit stale files."""
+    from monai.data.utils import pickle_hashing
+
+    return pickle_hashing(repr(_describe(transform)))
+
+
+def _describe(obj: Any) -> Any:
+    """Stable description of a Compose (class names and public scalar settings, not object ids)."""
+    if hasattr(obj, "transforms"):
+        return [_describe(t) for t in obj.transforms]
+    fields = {}
+    for key, value in sorted(vars(obj).items()):
+        if key.startswith("_") or key in ("R", "rng"):
+            continue
+        if isinstance(value, (int, float, str, bool, tuple, list, type(None))):
+            fields[key] = value
+        elif hasattr(value, "__dict__"):
+            fields[key] = _describe(value) if len(repr(value)) < 10_000 else type(value).__name__
+    return (type(obj).__name__, fields)
+
+
+def cached_dataset(items: Sequence[Mapping[str, Any]], transform: Any, cache_dir: Optional[os.PathLike] = None):
+    """A MONAI dataset that caches the deterministic part of ``transform`` on disk (``PersistentDataset``).
+
+    With ``cache_dir=None`` a plain ``monai.data.Dataset``. Cache files are keyed by item paths (and their
+    size/mtime) and by the transform settings, written atomically by MONAI and read with ``weights_only``.
+    """
+    from monai.data import Dataset, PersistentDataset
+
+    items = [dict(item) for item in items]
+    if cache_dir is None:
+        return Dataset(items, transform=transform)
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    return PersistentDataset(items, transform=transform, cache_dir=str(cache_dir), hash_func=_item_hash,
+                             hash_transform=_transform_hash)
+
+
+def config_digest(cfg: PreprocessConfig) -> str:
+    """Short hash of the settings that change preprocessing results (for naming cache folders)."""
+    data = cfg.to_dict()
+    data.pop("cache_dir", None)
+    return hashlib.sha256(repr(sorted(data.items())).encode()).hexdigest()[:12]
