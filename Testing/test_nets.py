@@ -1,0 +1,110 @@
+"""The LoGoNet network family: sizes from the paper, batched local branch, every registered model trains."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from logonet.nets import available_models, build_model
+from logonet.nets.complexity import count_parameters
+from logonet.nets.logonet import split_into_cubes, stitch_cubes
+
+PAPER_PARAMS_M = {("ulkanet", "S"): 40.2, ("logonet", "S"): 67.5, ("ulkanet", "L"): 121.2, ("logonet", "L"): 172.5}
+
+# At 32^3 the deepest feature map of a 5-level U-Net is 1^3, on which batch/instance norms cannot train;
+# one side of 64 gives it two elements at a quarter of the cost of 64^3.
+SMALL = (32, 32, 64)
+# Small settings per baseline so forward+backward stays fast on 2 cores (the architectures are unchanged).
+SMALL_KWARGS = {"swinunetr": {"feature_size": 12}, "unetr": {"img_size": SMALL, "feature_size": 8, "hidden_size": 96,
+                                                               "mlp_dim": 192, "num_heads": 4},
+                "segresnetvae": {"img_size": SMALL}, "logonet": {"preset": "T"}, "ulkanet": {"preset": "T"}}
+
+
+@pytest.mark.parametrize("name,preset", sorted(PAPER_PARAMS_M))
+def test_parameter_counts_match_the_paper(name: str, preset: str) -> None:
+    model = build_model(name, in_channels=1, out_channels=14, preset=preset)
+    millions = count_parameters(model) / 1e6
+    assert millions == pytest.approx(PAPER_PARAMS_M[(name, preset)], rel=0.015)
+
+
+def test_registry_lists_every_model() -> None:
+    assert set(available_models()) == {"logonet", "ulkanet", "swinunetr", "unetr", "segresnetvae", "dynunet",
+                                       "unetplusplus", "attentionunet"}
+    with pytest.raises(ValueError, match="unknown model 'vnet'.*logonet"):
+        build_model("vnet", out_channels=2)
+    with pytest.raises(ValueError, match="unknown preset"):
+        build_model("logonet", out_channels=2, preset="XXL")
+
+
+def test_cubes_split_and_stitch_are_inverse_and_ordered() -> None:
+    x = torch.arange(2 * 3 * 4 * 6 * 8, dtype=torch.float32).reshape(2, 3, 4, 6, 8)
+    cubes = split_into_cubes(x, (2, 2, 2))
+    assert cubes.shape == (2, 24, 2, 3, 4)
+    # cube 5 = (d=1, h=0, w=1): channels 15..17 hold x[:, :, 2:, :3, 4:]
+    assert torch.equal(cubes[:, 15:18], x[:, :, 2:, :3, 4:])
+    assert torch.equal(stitch_cubes(cubes, (2, 2, 2)), x)
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_batched_local_branch_equals_the_loop(train_mode: bool) -> None:
+    torch.manual_seed(0)
+    model = build_model("logonet", out_channels=3, preset="T")
+    # Random BN statistics and affine parameters, so eval mode is not the identity everywhere.
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm3d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+    model.train(train_mode)
+    x = torch.randn(2, 1, 32, 64, 32)
+    networks = model.unpacked_local_networks()
+    assert len(networks) == 8 and all(n.groups == 1 for n in networks)
+    # the unpacked networks really hold different weights
+    assert not torch.equal(networks[0].head_out[1][0].weight, networks[1].head_out[1][0].weight)
+    with torch.no_grad():
+        batched = model.local_branch(x)
+        looped = model.local_branch_loop(x, networks)
+    assert batched.shape == (2, 3, 32, 64, 32)
+    # Eval mode is the acceptance bound; batch statistics in train mode divide by small variances, which
+    # magnifies float32 rounding of the (different) summation orders a little.
+    assert (batched - looped).abs().max().item() < (1e-4 if train_mode else 1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(available_models()))
+def test_forward_and_backward_every_model(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, in_channels=1, out_channels=3, **SMALL_KWARGS.get(name, {}))
+    x = torch.randn(1, 1, *SMALL)
+    out = model(x)
+    assert out.shape == (1, 3, *SMALL)
+    out.float().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads[:5]) and any(g.abs().sum() > 0 for g in grads if g is not None)
+
+
+@pytest.mark.parametrize("name", ["logonet", "ulkanet", "dynunet"])
+def test_bfloat16_autocast_and_channels_last(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, out_channels=2, **SMALL_KWARGS.get(name, {})).to(memory_format=torch.channels_last_3d)
+    x = torch.randn(1, 1, *SMALL).to(memory_format=torch.channels_last_3d)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.shape == (1, 2, *SMALL) and torch.isfinite(out.float()).all()
+    out.float().sum().backward()
+    reference = model.eval()(x.contiguous())
+    assert torch.isfinite(reference).all()
+
+
+def test_any_multiple_of_32_works_and_other_sizes_are_refused() -> None:
+    model = build_model("logonet", out_channels=2, preset="T").eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 32, 64, 96)).shape == (1, 2, 32, 64, 96)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model(torch.randn(1, 1, 48, 64, 64))
+    with pytest.raises(ValueError, match="1 input channel"):
+        model(torch.randn(1, 2, 32, 32, 32))
+    with pytest.raises(ValueError, match="5-D"):
+        model(torch.randn(1, 32, 32, 32))
+    unetr = build_model("unetr", out_channels=2, **SMALL_KWARGS["unetr"])
+    with pytest.raises(ValueError, match="img_size"):
+        unetr(torch.randn(1, 1, 64, 64, 96))

@@ -1,0 +1,64 @@
+"""Building blocks shared by ULKANet and LoGoNet, written for *packed* sub-networks.
+
+Every block takes ``groups``: the number of independent networks whose channels are packed side by side
+(network ``g`` owns channels ``[g*c, (g+1)*c)``). Convolutions use ``groups`` (depth-wise ones
+``groups * channels``), BatchNorm is per channel anyway, and the channel LayerNorm normalises each network's
+slice separately. With ``groups=1`` these are ordinary layers; with ``groups=8`` one call runs LoGoNet's eight
+local ULKANets at once, with exactly the maths of eight separate networks (see ``logonet.nets.logonet``).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def pack_channels(tensors: Sequence[torch.Tensor], groups: int) -> torch.Tensor:
+    """Concatenate packed maps network by network: ``[(B, g*c_i, ...)] -> (B, g*sum(c_i), ...)``."""
+    batch, spatial = tensors[0].shape[0], tensors[0].shape[2:]
+    per_group = [t.reshape(batch, groups, t.shape[1] // groups, *spatial) for t in tensors]
+    return torch.cat(per_group, dim=2).reshape(batch, -1, *spatial)
+
+
+class ConvModule(nn.Sequential):
+    """The decoder's "conv module": Conv3d 3^3 (bias) -> BatchNorm3d -> LeakyReLU, ``(B, g*cin, ...) -> (B, g*cout, ...)``."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int = 1) -> None:
+        super().__init__(
+            nn.Conv3d(groups * in_channels, groups * out_channels, 3, padding=1, groups=groups),
+            nn.BatchNorm3d(groups * out_channels),
+            nn.LeakyReLU(inplace=True),
+        )
+
+
+def conv_pair(in_channels: int, out_channels: int, groups: int = 1) -> nn.Sequential:
+    """Two conv modules, ``cin -> cout -> cout``: the decoder's basic unit."""
+    return nn.Sequential(ConvModule(in_channels, out_channels, groups), ConvModule(out_channels, out_channels, groups))
+
+
+class Upsample(nn.Module):
+    """Trilinear x2 (the decoder has no transposed convolutions)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channels of ``(B, g*C, D, H, W)``, separately for each of the ``g`` packed networks."""
+
+    def __init__(self, channels: int, groups: int = 1, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.channels, self.groups, self.eps = channels, groups, eps
+        self.weight = nn.Parameter(torch.ones(groups * channels))
+        self.bias = nn.Parameter(torch.zeros(groups * channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, spatial = x.shape[0], x.shape[2:]
+        grouped = x.reshape(batch, self.groups, self.channels, *spatial)
+        mean = grouped.mean(dim=2, keepdim=True)
+        var = grouped.var(dim=2, unbiased=False, keepdim=True)
+        normed = ((grouped - mean) * torch.rsqrt(var + self.eps)).reshape(x.shape)
+        shape = (1, -1) + (1,) * len(spatial)
+        return normed * self.weight.view(shape) + self.bias.view(shape)
