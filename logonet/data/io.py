@@ -279,49 +279,63 @@ def resample_to_reference(label_image: sitk.Image, reference_image: sitk.Image) 
     return out
 
 
-try:  # MONAI is a dependency, but keep reading volumes possible without it.
-    from monai.data import ImageReader as _ImageReader
-except ImportError:  # pragma: no cover
-    _ImageReader = object  # type: ignore[misc,assignment]
+def _make_reader_class() -> type:
+    """Build :class:`SimpleITKReader` on first use, so that importing this module does not import MONAI (slow)."""
+    from monai.data import ImageReader
+
+    class SimpleITKReader(ImageReader):
+        """MONAI ``ImageReader`` backed by SimpleITK (so ``LoadImaged`` needs no ``itk`` package).
+
+        Arrays come in MONAI's (x, y, z) order with ``affine``/``original_affine`` in RAS (like
+        ``ITKReader(affine_lps_to_ras=True)``). A folder path is read as a DICOM series. A list of paths is
+        stacked as channels (first axis).
+        """
+
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__()
+            self.kwargs = kwargs
+
+        def verify_suffix(self, filename: Union[Sequence[PathLike], PathLike]) -> bool:
+            names = [filename] if isinstance(filename, (str, os.PathLike)) else list(filename)
+            return all(Path(n).is_dir() or bool(volume_suffix(n)) for n in names)
+
+        def read(self, data: Union[Sequence[PathLike], PathLike], **kwargs: Any):
+            if isinstance(data, (str, os.PathLike)):
+                return read_image(data)
+            return [read_image(name) for name in data]
+
+        def get_data(self, img: Any) -> Tuple[np.ndarray, Dict[str, Any]]:
+            images = img if isinstance(img, (list, tuple)) else [img]
+            arrays = [sitk.GetArrayFromImage(image).transpose(2, 1, 0) for image in images]
+            first = images[0]
+            meta: Dict[str, Any] = {
+                "spacing": np.asarray(first.GetSpacing()),
+                "original_affine": ras_affine(first),
+                "affine": ras_affine(first),
+                "spatial_shape": np.asarray(first.GetSize()),
+                "space": "RAS",
+            }
+            if len(arrays) == 1:
+                meta["original_channel_dim"] = float("nan")  # "no_channel": EnsureChannelFirstd adds one
+                return arrays[0], meta
+            meta["original_channel_dim"] = 0
+            return np.stack(arrays, axis=0), meta
+
+    SimpleITKReader.__module__ = __name__
+    SimpleITKReader.__qualname__ = "SimpleITKReader"
+    return SimpleITKReader
 
 
-class SimpleITKReader(_ImageReader):  # type: ignore[misc,valid-type]
-    """MONAI ``ImageReader`` backed by SimpleITK (so ``LoadImaged`` needs no ``itk`` package).
+_LAZY: Dict[str, Any] = {}
 
-    Arrays come in MONAI's (x, y, z) order with ``affine``/``original_affine`` in RAS (like
-    ``ITKReader(affine_lps_to_ras=True)``). A folder path is read as a DICOM series. A list of paths is
-    stacked as channels (first axis).
-    """
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__()
-        self.kwargs = kwargs
-
-    def verify_suffix(self, filename: Union[Sequence[PathLike], PathLike]) -> bool:
-        names = [filename] if isinstance(filename, (str, os.PathLike)) else list(filename)
-        return all(Path(n).is_dir() or bool(volume_suffix(n)) for n in names)
-
-    def read(self, data: Union[Sequence[PathLike], PathLike], **kwargs: Any):
-        if isinstance(data, (str, os.PathLike)):
-            return read_image(data)
-        return [read_image(name) for name in data]
-
-    def get_data(self, img: Any) -> Tuple[np.ndarray, Dict[str, Any]]:
-        images = img if isinstance(img, (list, tuple)) else [img]
-        arrays = [sitk.GetArrayFromImage(image).transpose(2, 1, 0) for image in images]
-        first = images[0]
-        meta: Dict[str, Any] = {
-            "spacing": np.asarray(first.GetSpacing()),
-            "original_affine": ras_affine(first),
-            "affine": ras_affine(first),
-            "spatial_shape": np.asarray(first.GetSize()),
-            "space": "RAS",
-        }
-        if len(arrays) == 1:
-            meta["original_channel_dim"] = float("nan")  # "no_channel": EnsureChannelFirstd adds one
-            return arrays[0], meta
-        meta["original_channel_dim"] = 0
-        return np.stack(arrays, axis=0), meta
+def __getattr__(name: str) -> Any:
+    """``io.SimpleITKReader`` is created lazily (PEP 562) to keep ``import logonet.data.io`` free of MONAI."""
+    if name == "SimpleITKReader":
+        if name not in _LAZY:
+            _LAZY[name] = _make_reader_class()
+        return _LAZY[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------------------------- writing
