@@ -1,0 +1,49 @@
+"""Shared pytest fixtures: tiny phantom datasets and the sample CT.
+
+- ``phantom_dataset``: session-scoped MSD folder with 4 labelled 48^3 phantoms (seed 0, 1.5x1.5x2 mm,
+  all 13 BTCV organs in every case). Treat it as read-only; copy it if a test must modify it.
+- ``phantom_unlabeled``: same layout, 4 unlabelled 48^3 phantoms (seed 1), ``training`` entries without labels.
+- ``make_phantom_dataset(cases=2, size=32, seed=0, unlabeled=False)``: session-cached factory for other sizes.
+- ``sample_ct``: ``logonet.data.sample.fetch_sample()`` paths (downloads once into the user cache, or
+  ``$LOGONET_CACHE/sample``; later runs are instant). Keys: root, ct, ct_labels, ct_labels_totalseg, dicom,
+  dicom_labels, dicom_labels_totalseg, ct_fine.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Dict, Tuple
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def make_phantom_dataset(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    from logonet.data.phantom import write_phantom_dataset
+
+    made: Dict[Tuple[int, int, int, bool], Path] = {}
+
+    def make(cases: int = 2, size: int = 32, seed: int = 0, unlabeled: bool = False) -> Path:
+        key = (cases, size, seed, unlabeled)
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"phantom_{cases}x{size}_s{seed}{'_u' if unlabeled else ''}")
+            made[key] = write_phantom_dataset(out, cases, size=size, seed=seed, unlabeled=unlabeled)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def phantom_dataset(make_phantom_dataset: Callable[..., Path]) -> Path:
+    return make_phantom_dataset(cases=4, size=48, seed=0)
+
+
+@pytest.fixture(scope="session")
+def phantom_unlabeled(make_phantom_dataset: Callable[..., Path]) -> Path:
+    return make_phantom_dataset(cases=4, size=48, seed=1, unlabeled=True)
+
+
+@pytest.fixture(scope="session")
+def sample_ct() -> Dict[str, str]:
+    from logonet.data.sample import fetch_sample
+
+    return fetch_sample()
