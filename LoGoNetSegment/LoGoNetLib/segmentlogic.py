@@ -1,0 +1,274 @@
+"""LoGoNetSegment's logic: volume -> ``logonet segment`` in a separate process -> segmentation node.
+
+Usable from Slicer's Python console::
+
+    logic = slicer.modules.logonetsegment.widgetRepresentation().self().logic   # or LoGoNetSegmentLogic()
+    task = logic.process(slicer.util.getNode("CT"), model="demo", waitForCompletion=True)
+    task.segmentation, task.volumes_ml
+
+Nothing is added to the scene until the worker succeeded: a cancelled or failed run leaves the scene as it was.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import slicer
+import vtk
+
+from . import scene as sc
+from .catalog import ModelCatalog, ModelEntry
+from .core import logonet_command, subprocess_env
+from .install import NoInstall
+from .process import CANCELLED, FAILED, SUCCEEDED, BackgroundProcess, describe_command, schedule_polling
+
+DEVICES = {"auto": "auto", "gpu": "cuda", "cuda": "cuda", "cpu": "cpu"}
+
+
+class LoGoNetError(RuntimeError):
+    """A failure to show the user as is (the message says what went wrong; no traceback needed)."""
+
+
+def roi_to_ijk(volume_node, roi_node) -> Tuple[int, int, int, int, int, int]:
+    """The markups ROI as a voxel box ``i0,j0,k0,i1,j1,k1`` (end exclusive) of the volume, clipped to it."""
+    bounds = [0.0] * 6
+    roi_node.GetRASBounds(bounds)  # world bounding box (a rotated ROI is enclosed by it)
+    ras_to_ijk = vtk.vtkMatrix4x4()
+    volume_node.GetRASToIJKMatrix(ras_to_ijk)
+    if volume_node.GetParentTransformNode() is not None:
+        world_to_volume = vtk.vtkMatrix4x4()
+        volume_node.GetParentTransformNode().GetMatrixTransformFromWorld(world_to_volume)
+        vtk.vtkMatrix4x4.Multiply4x4(ras_to_ijk, world_to_volume, ras_to_ijk)
+    lows, highs = [float("inf")] * 3, [float("-inf")] * 3
+    for x in bounds[0:2]:
+        for y in bounds[2:4]:
+            for z in bounds[4:6]:
+                ijk = ras_to_ijk.MultiplyPoint([x, y, z, 1.0])
+                for axis in range(3):
+                    lows[axis] = min(lows[axis], ijk[axis])
+                    highs[axis] = max(highs[axis], ijk[axis])
+    dims = volume_node.GetImageData().GetDimensions()
+    # voxel centers are at integer indices: keep the voxels whose center is inside the box
+    start = [max(0, math.ceil(lows[a] - 1e-6)) for a in range(3)]
+    stop = [min(dims[a], math.floor(highs[a] + 1e-6) + 1) for a in range(3)]
+    if any(stop[a] - start[a] < 1 for a in range(3)):
+        raise LoGoNetError(f"the ROI '{roi_node.GetName()}' does not overlap the volume '{volume_node.GetName()}'")
+    return tuple(start + stop)  # type: ignore[return-value]
+
+
+class SegmentTask:
+    """One segmentation run: state, progress, and (on success) the segmentation node and organ volumes."""
+
+    def __init__(self, logic: "SegmentLogic", volume_node, entry: ModelEntry, temp_dir: Path) -> None:
+        self.logic = logic
+        self.volume_node = volume_node
+        self.model = entry
+        self.temp_dir = temp_dir
+        self.process: Optional[BackgroundProcess] = None
+        self.segmentation = None
+        self.volumes_ml: List[Tuple[str, int, float]] = []
+        self.error_message: Optional[str] = None
+        self.state = "idle"
+        self.started = time.monotonic()
+        self.elapsed_s = 0.0
+        self.device_used: Optional[str] = None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.running
+
+    def poll(self) -> bool:
+        return self.process.poll() if self.process is not None else False
+
+    def wait(self, timeout: Optional[float] = None) -> str:
+        idle = None
+        app = getattr(slicer, "app", None)
+        if app is not None and hasattr(app, "processEvents"):
+            idle = app.processEvents
+        if self.process is not None:
+            self.process.wait(timeout=timeout, idle=idle)
+        return self.state
+
+    def cancel(self) -> None:
+        if self.process is not None:
+            self.process.cancel()
+
+
+class SegmentLogic:
+    """Runs ``logonet segment``; every collaborator (catalog, installer, command, temp folder) is injectable."""
+
+    def __init__(self, catalog: Optional[ModelCatalog] = None, installer=None,
+                 command_prefix: Optional[Sequence[str]] = None, temp_root: Optional[str] = None,
+                 keep_temp: bool = False, ask: Optional[Callable[[str], bool]] = None) -> None:
+        self.catalog = catalog or ModelCatalog()
+        self.installer = installer or NoInstall()
+        self.command_prefix = list(command_prefix) if command_prefix else None
+        self.temp_root = temp_root
+        self.keep_temp = keep_temp
+        self.ask = ask or (lambda question: True)
+        self.task: Optional[SegmentTask] = None
+
+    # ------------------------------------------------------------------------------------------ validation
+    @staticmethod
+    def validate_input(volume_node) -> None:
+        if volume_node is None:
+            raise LoGoNetError("select an input volume (a CT)")
+        if not volume_node.IsA("vtkMRMLScalarVolumeNode") or volume_node.IsA("vtkMRMLLabelMapVolumeNode"):
+            raise LoGoNetError(f"'{volume_node.GetName()}' is not a scalar (CT) volume")
+        image = volume_node.GetImageData()
+        if image is None or min(image.GetDimensions()) < 1:
+            raise LoGoNetError(f"'{volume_node.GetName()}' has no voxels")
+        if image.GetNumberOfScalarComponents() != 1:
+            raise LoGoNetError(f"'{volume_node.GetName()}' has {image.GetNumberOfScalarComponents()} components; "
+                               "LoGoNet segments single-channel CT volumes")
+        if min(image.GetDimensions()) < 2:
+            raise LoGoNetError(f"'{volume_node.GetName()}' is a 2-D image; LoGoNet needs a 3-D volume")
+
+    def build_command(self, input_path, output_path, model_path, device: str = "auto", fast: bool = False,
+                      roi: Optional[Sequence[int]] = None, stats_path=None) -> List[str]:
+        if device not in DEVICES:
+            raise LoGoNetError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
+        command = list(self.command_prefix or logonet_command()) + [
+            "segment", str(input_path), str(output_path), "--model", str(model_path),
+            "--device", DEVICES[device], "--progress", "jsonl"]
+        if fast:
+            command.append("--fast")
+        if roi is not None:
+            command += ["--roi", ",".join(str(int(v)) for v in roi)]
+        if stats_path is not None:
+            command += ["--stats", str(stats_path)]
+        return command
+
+    # ------------------------------------------------------------------------------------------ run
+    def process(self, inputVolume, outputSegmentation=None, model="demo", device: str = "auto", fast: bool = False,
+                roiNode=None, waitForCompletion: bool = True, logCallback: Optional[Callable[[str], None]] = None,
+                progressCallback: Optional[Callable[[float, str], None]] = None,
+                completedCallback: Optional[Callable[[SegmentTask], None]] = None) -> SegmentTask:
+        """Segment ``inputVolume``; with ``waitForCompletion`` a failure raises :class:`LoGoNetError`."""
+        log = logCallback or (lambda text: None)
+        self.validate_input(inputVolume)
+        try:
+            entry = model if isinstance(model, ModelEntry) else self.catalog.find(model)
+        except ValueError as error:
+            raise LoGoNetError(str(error)) from error
+        roi = roi_to_ijk(inputVolume, roiNode) if roiNode is not None else None
+        installed = self.installer.ensure(ask=self.ask, log=log)
+        if not installed.ok:
+            raise LoGoNetError("; ".join(installed.problems))
+        if installed.restart_needed:
+            raise LoGoNetError("Python packages were updated: restart Slicer, then click Apply again")
+
+        temp_dir = Path(tempfile.mkdtemp(prefix="LoGoNet-", dir=self.temp_root))
+        task = SegmentTask(self, inputVolume, entry, temp_dir)
+        self.task = task
+        try:
+            input_path = sc.write_volume(inputVolume, temp_dir / "input.nrrd")
+            command = self.build_command(input_path, temp_dir / "result.nrrd", entry.path, device, fast, roi,
+                                         temp_dir / "stats.csv")
+        except Exception:
+            self._cleanup(task)
+            raise
+        log(f"Model: {entry.title} ({entry.path})")
+        log("Running: " + describe_command(command))
+
+        def on_event(event: Dict) -> None:
+            kind = event.get("event")
+            if kind == "start" and event.get("device"):
+                task.device_used = str(event["device"])
+            if progressCallback is None:
+                return
+            step, total = event.get("step"), event.get("total")
+            text = str(event.get("stage") or kind)
+            if kind == "done":
+                progressCallback(1.0, "importing")
+            elif isinstance(step, (int, float)) and isinstance(total, (int, float)) and total:
+                progressCallback(min(1.0, float(step) / float(total)), text)
+            elif kind in ("start", "stage"):
+                progressCallback(0.0, text)
+
+        def on_finished(process: BackgroundProcess) -> None:
+            self._finish(task, outputSegmentation, log)
+            if completedCallback is not None:
+                completedCallback(task)
+
+        task.process = BackgroundProcess(command, env=subprocess_env(force_cpu=(device == "cpu")), cwd=str(temp_dir),
+                                         on_event=on_event, on_log=log, on_finished=on_finished)
+        task.state = "running"
+        task.process.start()
+        if waitForCompletion:
+            task.wait()
+            if task.state == FAILED:
+                raise LoGoNetError(task.error_message or "segmentation failed")
+        else:
+            schedule_polling(task)
+        return task
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    # ------------------------------------------------------------------------------------------ import
+    def _finish(self, task: SegmentTask, output_segmentation, log: Callable[[str], None]) -> None:
+        process = task.process
+        task.elapsed_s = time.monotonic() - task.started
+        try:
+            if process.state == SUCCEEDED:
+                try:
+                    task.segmentation = self.import_result(task, output_segmentation)
+                    task.state = SUCCEEDED
+                    log(f"Done in {task.elapsed_s:.1f} s" + (f" on {task.device_used}" if task.device_used else ""))
+                except Exception as error:  # a bad result must not leave half-made nodes behind
+                    task.state, task.error_message = FAILED, f"importing the result failed: {error}"
+            elif process.state == CANCELLED:
+                task.state = CANCELLED
+                log("Cancelled.")
+            else:
+                task.state = FAILED
+                task.error_message = process.error_message or f"logonet exited with code {process.returncode}"
+            if task.state == FAILED:
+                log(f"Error: {task.error_message}")
+        finally:
+            self._cleanup(task)
+
+    def _cleanup(self, task: SegmentTask) -> None:
+        if not self.keep_temp:
+            shutil.rmtree(task.temp_dir, ignore_errors=True)
+
+    def import_result(self, task: SegmentTask, output_segmentation=None):
+        """Read the worker's labelmap into a segmentation node (new one unless given) next to the input."""
+        volume = task.volume_node
+        labels = task.model.labels
+        label_node = sc.read_labelmap(task.temp_dir / "result.nrrd")
+        if not sc.same_geometry(label_node, volume):
+            raise LoGoNetError("the result's voxel grid differs from the input volume's")
+        label_array = slicer.util.arrayFromVolume(label_node)
+        scene = volume.GetScene()
+        created = []
+        try:
+            table = sc.color_table_for_labels(labels, task.model.title if len(task.model.title) < 40 else task.model.id,
+                                              scene)
+            segmentation = output_segmentation
+            if segmentation is None:
+                segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                                       scene.GenerateUniqueName(f"{volume.GetName()} LoGoNet"))
+                created.append(segmentation)
+            segmentation.CreateDefaultDisplayNodes()
+            sc.set_reference_geometry(segmentation, volume)
+            sc.import_labelmap(label_node, segmentation, labels, table)
+            segmentation.SetAttribute(sc.MODEL_ATTRIBUTE, str(task.model.path))
+            sc.place_in_study(segmentation, volume)
+        except Exception:
+            sc.remove_nodes(created)
+            raise
+        task.volumes_ml = sc.label_volumes_ml(label_array, labels, sc.voxel_volume_ml(volume))
+        return segmentation
+
+    # ------------------------------------------------------------------------------------------ export
+    @staticmethod
+    def export_labelmap(segmentation_node, reference_volume, path):
+        """Export with the model's label values (the color table stored on the segmentation)."""
+        return sc.export_labelmap_file(segmentation_node, reference_volume, path)

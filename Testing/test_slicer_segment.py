@@ -1,0 +1,245 @@
+"""LoGoNetSegment's logic against a real MRML scene (slicer-core), with a fake ``logonet`` worker process.
+
+The fake worker (LoGoNetSegment/Testing/Python/fake_logonet.py) speaks the real CLI and progress protocol, so
+these tests check the Slicer side alone and fast; test_slicer_e2e.py runs the real CLI.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from slicer_fixtures import FAKE_CLI, add_volume, mrml, put_in_study, scene_node_ids, write_fake_card  # noqa: F401
+
+LABELS = [{"value": 2, "name": "liver", "color": [221, 130, 101]},
+          {"value": 5, "name": "spleen", "color": [157, 108, 162],
+           "terminology": {"category": ["SCT", "123037004", "Anatomical Structure"],
+                           "type": ["SCT", "78961009", "Spleen"]}},
+          {"value": 9, "name": "aorta", "color": [224, 97, 76]}]
+
+
+@pytest.fixture
+def logic_env(tmp_path, mrml):  # noqa: F811
+    from LoGoNetLib.catalog import ModelCatalog
+    from LoGoNetLib.segmentlogic import SegmentLogic
+
+    card = write_fake_card(tmp_path / "models" / "organs", LABELS)
+    catalog = ModelCatalog(home=tmp_path / "home", catalog_file=tmp_path / "none.json")
+    temp_root = tmp_path / "tmp"
+    temp_root.mkdir()
+    logic = SegmentLogic(catalog=catalog, command_prefix=[sys.executable, str(FAKE_CLI)], temp_root=str(temp_root))
+    rng = np.random.default_rng(0)
+    volume = add_volume(mrml.slicer, rng.integers(-200, 300, (18, 20, 24)).astype(np.int16))
+    study = put_in_study(mrml.scene, volume)
+    return mrml, logic, card, volume, study, temp_root
+
+
+def test_segment_names_colors_values_geometry_study(logic_env, tmp_path):
+    mrml, logic, card, volume, study, temp_root = logic_env
+    slicer = mrml.slicer
+    progress, log = [], []
+    task = logic.process(volume, model=str(card), device="cpu", waitForCompletion=True,
+                         progressCallback=lambda f, text: progress.append(f), logCallback=log.append)
+    seg = task.segmentation
+    assert task.state == "succeeded" and seg is not None
+    segmentation = seg.GetSegmentation()
+    names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+    assert names == ["liver", "spleen", "aorta"]
+    for label in LABELS:
+        segment = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(label["name"]))
+        assert np.allclose(segment.GetColor(), [c / 255 for c in label["color"]])
+    spleen = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("spleen"))
+    assert "78961009" in spleen.GetTerminology()
+    # reference geometry and subject hierarchy placement
+    assert seg.GetNodeReference(seg.GetReferenceImageGeometryReferenceRole()) is volume
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(mrml.scene)
+    assert sh.GetItemParent(sh.GetItemByDataNode(seg)) == study
+    # progress went to 100%, the log shows the command, temp files are gone
+    assert progress and progress[-1] == 1.0
+    assert any("segment" in line and "--progress jsonl" in line for line in log)
+    assert list(temp_root.iterdir()) == []
+    # organ volumes in mL: voxels * voxel volume
+    expected = {l["name"]: 0.0 for l in LABELS}
+    spacing = np.prod(volume.GetSpacing()) / 1000.0
+    for name, value, ml in task.volumes_ml:
+        assert ml == pytest.approx(np.count_nonzero(_label_array(slicer, seg, volume) == value) * spacing)
+        expected.pop(name)
+    assert not expected
+    # export: the model's label values, not segment order, on the input's grid
+    out = logic.export_labelmap(seg, volume, tmp_path / "export.nii.gz")
+    exported = _read(out)
+    assert set(np.unique(exported)) == {0, 2, 5, 9}
+    assert exported.shape == slicer.util.arrayFromVolume(volume).shape
+
+
+def _label_array(slicer, seg, volume):
+    from LoGoNetLib import scene as sc
+
+    node = sc.export_labelmap_node(seg, volume)
+    try:
+        return slicer.util.arrayFromVolume(node).copy()
+    finally:
+        sc.remove_nodes([node])
+
+
+def _read(path):
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def test_export_keeps_values_after_segments_are_reordered_and_added(logic_env, tmp_path):
+    mrml, logic, card, volume, _, _ = logic_env
+    seg = logic.process(volume, model=str(card), waitForCompletion=True).segmentation
+    segmentation = seg.GetSegmentation()
+    segmentation.RemoveSegment(segmentation.GetSegmentIdBySegmentName("liver"))  # value 2 gone
+    segmentation.AddEmptySegment("", "tumor", (1.0, 0.0, 0.0))
+    tumor = segmentation.GetSegmentIdBySegmentName("tumor")
+    mask = np.zeros(mrml.slicer.util.arrayFromVolume(volume).shape, np.uint8)
+    mask[-2:, :2, :2] = 1
+    mrml.slicer.util.updateSegmentBinaryLabelmapFromArray(mask, seg, tumor, volume)
+    exported = _read(logic.export_labelmap(seg, volume, tmp_path / "e.nrrd"))
+    values = set(np.unique(exported))
+    assert {5, 9} <= values and 2 not in values and 1 not in values
+    assert exported[-1, 0, 0] > 9  # a new segment gets a new value, not one of the model's
+
+
+def test_geometry_of_output_equals_input(logic_env):
+    mrml, logic, card, volume, _, _ = logic_env
+    from LoGoNetLib import scene as sc
+
+    seg = logic.process(volume, model=str(card), waitForCompletion=True).segmentation
+    node = sc.export_labelmap_node(seg, volume)
+    assert sc.same_geometry(node, volume)
+
+
+def test_cancel_during_run_leaves_no_new_node(logic_env, monkeypatch):
+    mrml, logic, card, volume, _, temp_root = logic_env
+    monkeypatch.setenv("FAKE_LOGONET_DELAY", "20")
+    before = scene_node_ids(mrml.scene)
+    events = []
+    task = logic.process(volume, model=str(card), waitForCompletion=False,
+                         progressCallback=lambda f, text: events.append(text))
+    deadline = time.monotonic() + 20
+    while not events and time.monotonic() < deadline:  # wait until the worker really runs
+        task.poll()
+        time.sleep(0.05)
+    assert events, "the worker never reported progress"
+    pid = task.process.pid
+    task.cancel()
+    assert task.wait(timeout=20) == "cancelled"
+    assert scene_node_ids(mrml.scene) == before
+    assert task.segmentation is None
+    assert list(temp_root.iterdir()) == []
+    with pytest.raises(ProcessLookupError):
+        for _ in range(50):  # the whole process tree is gone (reaped by Popen)
+            os.kill(pid, 0)
+            time.sleep(0.05)
+
+
+def test_corrupt_model_gives_readable_error_and_no_node(logic_env, tmp_path):
+    mrml, logic, card, volume, _, _ = logic_env
+    from LoGoNetLib.segmentlogic import LoGoNetError
+
+    bad = write_fake_card(tmp_path / "broken", LABELS, corrupt="json")
+    before = scene_node_ids(mrml.scene)
+    with pytest.raises(LoGoNetError, match="model.json is not valid JSON"):
+        logic.process(volume, model=str(bad), waitForCompletion=True)
+    with pytest.raises(LoGoNetError, match="not a LoGoNet model"):
+        logic.process(volume, model=str(tmp_path), waitForCompletion=True)
+    with pytest.raises(LoGoNetError, match="not found"):
+        logic.process(volume, model="no-such-model", waitForCompletion=True)
+    assert scene_node_ids(mrml.scene) == before
+
+
+def test_worker_error_line_becomes_the_message(logic_env, tmp_path):
+    mrml, logic, card, volume, _, _ = logic_env
+    from LoGoNetLib.segmentlogic import LoGoNetError
+
+    # the catalog accepts the card but the worker refuses it: the worker's error line reaches the user
+    broken = write_fake_card(tmp_path / "w", LABELS, corrupt="weights")
+    before = scene_node_ids(mrml.scene)
+    logic.command_prefix = [sys.executable, "-c", "import sys; print('logonet segment: error: weights do not match "
+                                                  "the card', file=sys.stderr); sys.exit(2)"]
+    with pytest.raises(LoGoNetError, match="weights do not match the card"):
+        logic.process(volume, model=str(broken), waitForCompletion=True)
+    assert scene_node_ids(mrml.scene) == before
+
+
+def test_bad_inputs_are_refused_before_launching(logic_env):
+    mrml, logic, card, volume, _, _ = logic_env
+    from LoGoNetLib.segmentlogic import LoGoNetError
+
+    with pytest.raises(LoGoNetError, match="select an input volume"):
+        logic.process(None, model=str(card))
+    label = mrml.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "lab")
+    with pytest.raises(LoGoNetError, match="not a scalar"):
+        logic.process(label, model=str(card))
+    with pytest.raises(LoGoNetError, match="device must be"):
+        logic.process(volume, model=str(card), device="tpu")
+
+
+def test_roi_is_passed_in_voxel_indices_and_result_stays_inside(logic_env):
+    mrml, logic, card, volume, _, _ = logic_env
+    from LoGoNetLib.segmentlogic import LoGoNetError, roi_to_ijk
+
+    # the ROI covering voxels i 4..11, j 3..9, k 2..13 (centers), given in RAS
+    roi = mrml.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "R")
+    import vtk
+
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(ijk_to_ras)
+    lo = ijk_to_ras.MultiplyPoint([4, 3, 2, 1])[:3]
+    hi = ijk_to_ras.MultiplyPoint([11, 9, 13, 1])[:3]
+    roi.SetCenter(*[(a + b) / 2 for a, b in zip(lo, hi)])
+    roi.SetSize(*[abs(a - b) + 0.01 for a, b in zip(lo, hi)])
+    assert roi_to_ijk(volume, roi) == (4, 3, 2, 12, 10, 14)
+    seg = logic.process(volume, model=str(card), roiNode=roi, waitForCompletion=True).segmentation
+    from LoGoNetLib import scene as sc
+
+    node = sc.export_labelmap_node(seg, volume)
+    array = mrml.slicer.util.arrayFromVolume(node)
+    k, j, i = np.nonzero(array)
+    assert k.min() >= 2 and k.max() < 14 and j.min() >= 3 and j.max() < 10 and i.min() >= 4 and i.max() < 12
+    far = mrml.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "far")
+    far.SetCenter(1000, 1000, 1000)
+    far.SetSize(5, 5, 5)
+    with pytest.raises(LoGoNetError, match="does not overlap"):
+        roi_to_ijk(volume, far)
+
+
+def test_existing_output_segmentation_is_reused(logic_env):
+    mrml, logic, card, volume, _, _ = logic_env
+    seg = mrml.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mine")
+    seg.GetSegmentation().AddEmptySegment("", "old", (1, 1, 1))
+    task = logic.process(volume, outputSegmentation=seg, model=str(card), waitForCompletion=True)
+    assert task.segmentation is seg
+    assert seg.GetSegmentation().GetSegmentIdBySegmentName("old") == ""
+    assert seg.GetSegmentation().GetNumberOfSegments() == 3
+    # a second run reuses the model's color table instead of adding another one
+    tables = mrml.scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode")
+    logic.process(volume, outputSegmentation=seg, model=str(card), waitForCompletion=True)
+    assert mrml.scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode") == tables
+
+
+def test_installer_is_asked_before_launch(logic_env):
+    mrml, logic, card, volume, _, _ = logic_env
+    from LoGoNetLib.install import DependencyInstaller
+    from LoGoNetLib.segmentlogic import LoGoNetError
+
+    pip_calls, questions = [], []
+    installer = DependencyInstaller(version_of=lambda dist: None if dist == "monai" else "99.0",
+                                    pip_install=pip_calls.append, install_torch=lambda req: True)
+    logic.installer = installer
+    logic.ask = lambda question: questions.append(question) or False
+    before = scene_node_ids(mrml.scene)
+    with pytest.raises(LoGoNetError, match="monai>=1.3"):
+        logic.process(volume, model=str(card), waitForCompletion=True)
+    assert questions and "monai>=1.3" in questions[0] and pip_calls == []
+    assert scene_node_ids(mrml.scene) == before
+    logic.ask = lambda question: True
+    task = logic.process(volume, model=str(card), waitForCompletion=True)
+    assert pip_calls == ['"monai>=1.3" --no-deps'] and task.state == "succeeded"
