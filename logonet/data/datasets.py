@@ -280,14 +280,15 @@ def validate(dataset: Any, require_labels: Optional[bool] = None,
              expected_labels: Optional[Iterable[int]] = None, tol: float = 1e-3) -> DatasetIndex:
     """Read every file of a dataset and raise one :class:`DatasetError` listing every problem. Writes nothing.
 
-    dataset: a folder or a :class:`DatasetIndex`. require_labels: default True except for ``unlabeled``.
+    dataset: a folder or a :class:`DatasetIndex`. require_labels: default True when any case names a label.
     expected_labels: allowed foreground values (default: the dataset's label names, if it declares any).
     Checks: empty folder, naming problems, unreadable/2-D files, image without label, geometry mismatch
     (beyond ``tol`` mm), non-integer and unexpected label values. Returns the index when all is well.
     """
     index = dataset if isinstance(dataset, DatasetIndex) else discover(dataset)
     if require_labels is None:
-        require_labels = index.layout != "unlabeled"
+        # A dataset that names no label at all (unlabeled layout, MSD images-only) is for pre-training.
+        require_labels = any(case.get("label") for case in index.cases)
     allowed = set(int(v) for v in expected_labels) if expected_labels is not None else set(index.label_names)
     problems: List[str] = list(index.problems)
     if not index.cases:
