@@ -1,0 +1,133 @@
+"""Packaging: every file of a module folder, and every file of the bundled ``logonet`` core, is listed in the
+CMake lists (a file missing there is silently left out of the extension package), and every listed file exists.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Set
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MODULES = ("LoGoNetSegment", "LoGoNetTrain")
+#: Files that describe the build itself and are not packaged.
+NOT_PACKAGED = {"CMakeLists.txt"}
+#: What the core bundle must carry, relative to the repository root.
+CORE_PATTERNS = (("logonet", None), ("Resources/Models", None), ("Resources/ModelCatalog.json", None))
+
+
+def repo_files(folder: Path) -> List[str]:
+    """Files under ``folder`` that a checkout holds (tracked in git), relative to the repository root."""
+    try:
+        out = subprocess.run(["git", "ls-files", "--", str(folder.relative_to(REPO))], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout
+        files = [line for line in out.splitlines() if line]
+        if files or not folder.exists():
+            return [f for f in files if (REPO / f).is_file()]
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    if folder.is_file():
+        return [str(folder.relative_to(REPO))]
+    return [str(p.relative_to(REPO)) for p in folder.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"]
+
+
+def cmake_sets(path: Path) -> Dict[str, List[str]]:
+    """``set(NAME a b c)`` blocks of a CMakeLists.txt (comments removed), values with ``${MODULE_NAME}`` expanded."""
+    text = re.sub(r"(^|\s)#[^\n]*", r"\1", path.read_text())
+    sets: Dict[str, List[str]] = {}
+    token = r'"[^"]*"|[^\s()"]+'
+    for name, body in re.findall(rf"\bset\(\s*(\w+)((?:\s+(?:{token}))*)\s*\)", text, flags=re.IGNORECASE):
+        sets[name] = [t.strip('"') for t in re.findall(token, body)]
+    module = (sets.get("MODULE_NAME") or [""])[0]
+    return {name: [v.replace("${MODULE_NAME}", module) for v in values] for name, values in sets.items()}
+
+
+def listed_in_module(module: str) -> Set[str]:
+    """Every path (relative to the repository root) listed by the module's CMakeLists files."""
+    listed: Set[str] = set()
+    for cmake in (REPO / module).rglob("CMakeLists.txt"):
+        for name, values in cmake_sets(cmake).items():
+            if name.startswith("LOGONET_CORE_"):
+                continue
+            listed |= {str((cmake.parent / v).resolve().relative_to(REPO)) for v in values
+                       if "/" in v or "." in v}
+    return listed
+
+
+def listed_core() -> Set[str]:
+    sets = cmake_sets(REPO / "LoGoNetSegment" / "CMakeLists.txt")
+    return set(sets.get("LOGONET_CORE_SCRIPTS", [])) | set(sets.get("LOGONET_CORE_RESOURCES", []))
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_every_module_file_is_in_the_cmake_lists(module):
+    files = {f for f in repo_files(REPO / module) if Path(f).name not in NOT_PACKAGED}
+    assert files, f"no files found in {module}"
+    missing = sorted(files - listed_in_module(module))
+    assert not missing, (f"{module}: add these files to MODULE_PYTHON_SCRIPTS/RESOURCES in "
+                         f"{module}/CMakeLists.txt (paths relative to it): {missing}")
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_every_listed_module_file_exists(module):
+    absent = sorted(f for f in listed_in_module(module) if not (REPO / f).is_file())
+    assert not absent, f"{module}/CMakeLists.txt lists files that do not exist: {absent}"
+
+
+def test_bundled_core_is_complete():
+    """The extension runs `python -m logonet`: every core file and bundled model must be packaged."""
+    files = set()
+    for pattern, _ in CORE_PATTERNS:
+        files |= {f for f in repo_files(REPO / pattern) if "__pycache__" not in f}
+    assert "logonet/events.py" in files and "logonet/cli.py" in files
+    missing = sorted(files - listed_core())
+    assert not missing, ("LoGoNetSegment/CMakeLists.txt must bundle these core files (add them to "
+                         "LOGONET_CORE_SCRIPTS for .py, else LOGONET_CORE_RESOURCES):\n  " + "\n  ".join(missing))
+    absent = sorted(f for f in listed_core() if not (REPO / f).is_file())
+    assert not absent, f"LOGONET_CORE_* lists files that do not exist: {absent}"
+    scripts = set(cmake_sets(REPO / "LoGoNetSegment" / "CMakeLists.txt")["LOGONET_CORE_SCRIPTS"])
+    assert all(s.endswith(".py") for s in scripts), "only .py files belong in LOGONET_CORE_SCRIPTS"
+
+
+def test_lib_exists_once_and_train_reuses_it():
+    """One LoGoNetLib (in LoGoNetSegment), imported by LoGoNetTrain: never two copies."""
+    libs = [p for p in REPO.rglob("LoGoNetLib") if p.is_dir() and ".venv" not in p.parts]
+    assert libs == [REPO / "LoGoNetSegment" / "LoGoNetLib"]
+    train = (REPO / "LoGoNetTrain" / "LoGoNetTrain.py").read_text()
+    assert "from LoGoNetLib" in train and "LoGoNetSegment" in train
+
+
+def test_extension_metadata_and_modules():
+    text = (REPO / "CMakeLists.txt").read_text()
+    sets = cmake_sets(REPO / "CMakeLists.txt")
+    assert sets["EXTENSION_CATEGORY"] == ["Segmentation"]
+    assert sets["EXTENSION_DEPENDS"] == ["PyTorch"]
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL"):
+        assert sets.get(key), key
+    for module in MODULES:
+        assert f"add_subdirectory({module})" in text
+        module_text = (REPO / module / "CMakeLists.txt").read_text()
+        assert "WITH_GENERIC_TESTS" in module_text
+        assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in module_text
+        assert re.search(rf"class {module}Test\(ScriptedLoadableModuleTest\)",
+                         (REPO / module / f"{module}.py").read_text()), "the module needs its self-test"
+    assert (REPO / "Resources" / "Icons" / "LoGoNet.png").is_file()
+    assert sets["EXTENSION_ICONURL"][0].endswith("Resources/Icons/LoGoNet.png")
+
+
+def test_the_checker_catches_an_unlisted_file(monkeypatch):
+    """The check itself: an extra file in a module folder is reported."""
+    extra = REPO / "LoGoNetTrain" / "Resources" / "unlisted_probe.txt"
+    monkeypatch.setattr(sys.modules[__name__], "repo_files",
+                        lambda folder: [str(extra.relative_to(REPO))] + [f for f in _walk(folder)])
+    with pytest.raises(AssertionError, match="unlisted_probe.txt"):
+        test_every_module_file_is_in_the_cmake_lists("LoGoNetTrain")
+
+
+def _walk(folder: Path) -> List[str]:
+    return [str(p.relative_to(REPO)) for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+
