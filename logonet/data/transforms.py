@@ -123,6 +123,43 @@ def _float_tuple(value: Any, n: int, name: str) -> Tuple[float, ...]:
     return out
 
 
+# ------------------------------------------------------------------------------------------ loading
+def _make_load_class() -> type:
+    from monai.transforms import MapTransform
+
+    class LoadVolumed(MapTransform):
+        """Read each key's path with :func:`io.read_image` (SimpleITK) into a MetaTensor (1, X, Y, Z) float32
+        with its RAS affine. Unlike ``LoadImaged`` it never falls back to other readers, and bad files raise
+        the clear ``UserError`` of :func:`io.read_image`."""
+
+        def __init__(self, keys: Any, allow_missing_keys: bool = False) -> None:
+            super().__init__(keys, allow_missing_keys)
+
+        def __call__(self, data: Mapping[str, Any]) -> Dict[str, Any]:
+            d = dict(data)
+            for key in self.key_iterator(d):
+                tensor = io.image_to_metatensor(io.read_image(d[key]), add_channel=True, dtype=np.float32)
+                tensor.meta["filename_or_obj"] = str(d[key])
+                d[key] = tensor
+            return d
+
+    LoadVolumed.__module__ = __name__
+    LoadVolumed.__qualname__ = "LoadVolumed"
+    return LoadVolumed
+
+
+_LAZY: Dict[str, Any] = {}
+
+
+def __getattr__(name: str) -> Any:
+    """``LoadVolumed`` is built on first use (PEP 562) so importing this module stays free of MONAI."""
+    if name == "LoadVolumed":
+        if name not in _LAZY:
+            _LAZY[name] = _make_load_class()
+        return _LAZY[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # ------------------------------------------------------------------------------------------ pipelines
 def _deterministic(cfg: PreprocessConfig, keys: Sequence[str], load: bool, pad: bool) -> List[Any]:
     """Load -> orientation -> spacing -> HU window -> foreground crop (-> pad to roi). Cached by PersistentDataset."""
@@ -131,8 +168,7 @@ def _deterministic(cfg: PreprocessConfig, keys: Sequence[str], load: bool, pad: 
     has_label = "label" in keys
     steps: List[Any] = []
     if load:
-        steps.append(mt.LoadImaged(keys=list(keys), reader=io.SimpleITKReader(), ensure_channel_first=True,
-                                   image_only=True))
+        steps.append(__getattr__("LoadVolumed")(keys=list(keys)))  # SimpleITK, no reader fallback
     else:
         steps.append(mt.EnsureChannelFirstd(keys=list(keys), channel_dim="no_channel", strict_check=False))
     steps += [
@@ -258,13 +294,19 @@ def _transform_hash(transform: Any) -> bytes:
 
 def _describe(obj: Any) -> Any:
     """Stable description of a Compose (class names and public scalar settings, not object ids)."""
+    if isinstance(obj, (list, tuple)):
+        return [_describe(t) for t in obj]
     if hasattr(obj, "transforms"):
         return [_describe(t) for t in obj.transforms]
+    if not hasattr(obj, "__dict__"):
+        return repr(obj)
     fields = {}
     for key, value in sorted(vars(obj).items()):
         if key.startswith("_") or key in ("R", "rng"):
             continue
-        if isinstance(value, (int, float, str, bool, tuple, list, type(None))):
+        if isinstance(value, np.ndarray):
+            fields[key] = value.tolist()
+        elif isinstance(value, (int, float, str, bool, tuple, list, type(None))):
             fields[key] = value
         elif hasattr(value, "__dict__"):
             fields[key] = _describe(value) if len(repr(value)) < 10_000 else type(value).__name__

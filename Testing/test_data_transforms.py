@@ -1,0 +1,170 @@
+"""MONAI pipelines: crop size, value range, image/label alignment, the way back to the input grid, caching."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from logonet.data import datasets, io
+from logonet.data.transforms import (PreprocessConfig, cached_dataset, infer_transforms, labels_to_input_grid,
+                                     preprocess_for_inference, train_transforms, val_transforms)
+from logonet.errors import UserError
+
+LIVER, SPLEEN, GALLBLADDER, AORTA = 6, 1, 4, 8
+PHANTOM_SPACING = (1.5, 1.5, 2.0)
+
+
+@pytest.fixture(scope="module")
+def cases(phantom_dataset: Path):
+    return datasets.discover(phantom_dataset).labeled()
+
+
+def organ_means(image: torch.Tensor, label: torch.Tensor) -> dict:
+    img, lab = image[0].numpy(), label[0].numpy()
+    return {int(v): float(img[lab == v].mean()) for v in np.unique(lab) if v and (lab == v).sum() >= 20}
+
+
+def test_config_round_trip_and_validation():
+    cfg = PreprocessConfig(roi_size=(64, 64, 32), num_samples=2, cache_dir="/tmp/x")
+    data = json.loads(json.dumps(cfg.to_dict()))
+    assert data["spacing"] == [1.5, 1.5, 2.0] and data["intensity_window"] == [-175.0, 250.0]
+    assert data["orientation"] == "RAS" and data["roi_size"] == [64, 64, 32]
+    assert PreprocessConfig.from_dict(data) == cfg
+    # model.json from a newer version may carry more keys; the four core keys alone are enough.
+    partial = PreprocessConfig.from_dict({"orientation": "RAS", "spacing": [1, 1, 1], "intensity_window": [-100, 2000],
+                                          "roi_size": [96, 96, 96], "future_key": 1})
+    assert partial.spacing == (1.0, 1.0, 1.0) and partial.flip_prob == 0.2 and partial.rot90_prob == 0.2
+    assert PreprocessConfig.preset("msd") == partial
+    with pytest.raises(UserError, match="intensity_window must be"):
+        PreprocessConfig(intensity_window=(250, -175))
+    with pytest.raises(UserError, match="spacing must be 3 numbers"):
+        PreprocessConfig.from_dict({"spacing": [1, 2]})
+    with pytest.raises(UserError, match="flip_prob must be a probability"):
+        PreprocessConfig(flip_prob=2)
+
+
+@pytest.mark.parametrize("roi", [(32, 32, 32), (64, 64, 32)])  # 64 > the 48^3 phantom: padded
+def test_training_crops_have_roi_size_unit_range_and_aligned_labels(cases, roi):
+    cfg = PreprocessConfig(spacing=PHANTOM_SPACING, roi_size=roi, num_samples=3, flip_prob=1.0, rot90_prob=1.0,
+                           intensity_prob=0.0)
+    torch.manual_seed(0)
+    pipeline = train_transforms(cfg)
+    pipeline.set_random_state(seed=0)
+    crops = pipeline(dict(cases[0]))
+    assert len(crops) == 3
+    liver_seen = False
+    for crop in crops:
+        image, label = crop["image"], crop["label"]
+        assert tuple(image.shape) == (1,) + roi and tuple(label.shape) == (1,) + roi
+        assert image.dtype == torch.float32
+        assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
+        assert set(np.unique(label.numpy())) <= set(range(14))
+        means = organ_means(image, label)
+        # Flipped/rotated image and label must move together: each organ keeps its own intensity.
+        if LIVER in means:
+            liver_seen = True
+            assert 0.55 < means[LIVER] < 0.8  # liver ~110 HU -> (110 + 175) / 425
+            if AORTA in means:
+                assert means[AORTA] > means[LIVER] + 0.05
+            if GALLBLADDER in means:
+                assert means[GALLBLADDER] < means[LIVER] - 0.1
+    assert liver_seen
+
+
+def test_intensity_augmentation_still_in_unit_range(cases):
+    cfg = PreprocessConfig(spacing=PHANTOM_SPACING, roi_size=(32, 32, 32), num_samples=2, intensity_prob=1.0,
+                           intensity_scale=0.5, intensity_shift=0.5)
+    for crop in train_transforms(cfg)(dict(cases[1])):
+        assert float(crop["image"].min()) >= 0.0 and float(crop["image"].max()) <= 1.0
+
+
+def test_known_organ_lands_where_it_should(cases):
+    """The liver's world position after RAS reorientation equals its position in the raw phantom file."""
+    cfg = PreprocessConfig(spacing=PHANTOM_SPACING)
+    data = val_transforms(cfg)(dict(cases[0]))
+    image, label = data["image"], data["label"]
+    assert image.shape == label.shape and float(image.min()) >= 0 and float(image.max()) <= 1
+    affine = label.affine.numpy()
+    assert np.allclose(np.diag(affine)[:3], PHANTOM_SPACING)  # RAS: positive axes
+
+    def centroid_ras(value):
+        idx = np.argwhere(label[0].numpy() == value).mean(axis=0)
+        return (affine @ np.append(idx, 1.0))[:3]
+
+    raw = io.read_image(cases[0]["label"])
+    raw_array = sitk.GetArrayFromImage(raw)
+    for value in (LIVER, SPLEEN, AORTA):
+        zyx = np.argwhere(raw_array == value).mean(axis=0)
+        lps = np.array(raw.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in zyx[::-1])))
+        expected_ras = lps * np.array([-1.0, -1.0, 1.0])
+        np.testing.assert_allclose(centroid_ras(value), expected_ras, atol=0.5)
+    # Anatomy: liver on the patient's right (+x in RAS), spleen on the left.
+    assert centroid_ras(LIVER)[0] > 5 > 0 > -5 > centroid_ras(SPLEEN)[0]  # body centred on x = 0
+
+
+def test_prediction_maps_back_onto_an_oblique_input_grid_exactly(cases, tmp_path: Path):
+    raw_image = io.read_image(cases[0]["image"])
+    raw_label = io.read_image(cases[0]["label"])
+    # An input stored in an unusual orientation (axes permuted and flipped, same physical voxels).
+    image = sitk.Flip(sitk.PermuteAxes(raw_image, [2, 0, 1]), [True, False, False])
+    truth = sitk.Flip(sitk.PermuteAxes(raw_label, [2, 0, 1]), [True, False, False])
+    cfg = PreprocessConfig(spacing=PHANTOM_SPACING)
+    x = preprocess_for_inference(image, cfg)
+    assert x.shape[0] == 1 and x.dtype == torch.float32
+    # A perfect network: one-hot scores from the label put through the same geometric pipeline.
+    processed = val_transforms(cfg, keys=("image", "label"))(
+        {"image": io.write_image(image, tmp_path / "img.nii.gz"), "label": io.write_image(truth, tmp_path / "lab.nii.gz")})
+    assert processed["label"].shape == x.shape
+    np.testing.assert_allclose(processed["label"].affine.numpy(), x.affine.numpy(), atol=1e-6)
+    scores = torch.nn.functional.one_hot(processed["label"][0].as_tensor().long(), 14).permute(3, 0, 1, 2).float()[None]
+    scores = type(x)(scores, affine=x.affine)  # MetaTensor (1, C, X, Y, Z) as a sliding-window output
+    back = labels_to_input_grid(scores, image)
+    assert io.same_geometry(back, image, tol=0)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(truth))
+
+
+def test_prediction_at_other_spacing_maps_back_closely(cases):
+    image, truth = io.read_image(cases[1]["image"]), io.read_image(cases[1]["label"])
+    cfg = PreprocessConfig(spacing=(2.0, 2.0, 2.5))
+    out = val_transforms(cfg)(dict(cases[1]))
+    back = labels_to_input_grid(out["label"], image)  # (1, X, Y, Z) labels work too
+    assert io.same_geometry(back, image, tol=0)
+    a, b = sitk.GetArrayFromImage(back) == LIVER, sitk.GetArrayFromImage(truth) == LIVER
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.9
+
+
+def test_infer_transforms_on_a_path_match_preprocess_for_inference(cases):
+    cfg = PreprocessConfig(spacing=(2.0, 2.0, 2.0))
+    from_path = infer_transforms(cfg)({"image": cases[2]["image"]})["image"]
+    from_image = preprocess_for_inference(io.read_image(cases[2]["image"]), cfg)
+    assert from_path.shape == from_image.shape
+    np.testing.assert_allclose(from_path.numpy(), from_image.numpy(), atol=1e-5)
+    np.testing.assert_allclose(from_path.affine.numpy(), from_image.affine.numpy(), atol=1e-9)
+
+
+def test_persistent_cache_skips_preprocessing_on_the_second_epoch(cases, tmp_path: Path, monkeypatch):
+    cfg = PreprocessConfig(spacing=PHANTOM_SPACING, roi_size=(32, 32, 32), num_samples=1)
+    items = cases[:2]
+    ds = cached_dataset(items, train_transforms(cfg), tmp_path / "cache")
+    first = [ds[i][0]["image"].shape for i in range(len(ds))]
+    cached = sorted(p.name for p in (tmp_path / "cache").glob("*.pt"))
+    assert len(cached) == 2
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("volume read again although it is cached")
+
+    monkeypatch.setattr(io, "read_image", no_reading)
+    second = [cached_dataset(items, train_transforms(cfg), tmp_path / "cache")[i][0]["image"].shape
+              for i in range(len(ds))]
+    assert first == second
+    assert sorted(p.name for p in (tmp_path / "cache").glob("*.pt")) == cached
+    # Other settings must not reuse those files.
+    other = cached_dataset(items, train_transforms(PreprocessConfig(spacing=(2.0, 2.0, 2.0), roi_size=(32, 32, 32))),
+                           tmp_path / "cache")
+    with pytest.raises(RuntimeError) as caught:  # MONAI wraps the transform's error
+        other[0]
+    assert "read again although it is cached" in str(caught.value.__cause__)
