@@ -35,7 +35,8 @@ def masked_cluster_loss(logits: torch.Tensor, targets: torch.Tensor, slice_mask:
                          f"mask {tuple(slice_mask.shape)}")
     picked = logits[slice_mask].float()  # (M, N, K), in float32 so -inf/tau and log-softmax stay exact
     if picked.numel() == 0:
-        return logits.sum() * 0.0, {"cluster_acc": float("nan"), "masked_slices": 0.0}
+        # Zero that still reaches every parameter (DDP wants a gradient for all), without -inf * 0 = NaN.
+        return picked.sum() * 0.0, {"masked_slices": 0.0}
     wanted = targets[slice_mask].reshape(-1)
     scores = (picked / tau).reshape(wanted.numel(), -1)
     loss = F.cross_entropy(scores, wanted)

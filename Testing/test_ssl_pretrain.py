@@ -1,0 +1,125 @@
+"""``logonet pretrain`` end to end on tiny unlabeled phantoms: bad files skipped, loss goes down, the card
+initialises fine-tuning of LoGoNet and of a ViT backbone (UNETR), saved pseudo-labels are reused."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from logonet import cli, modelcard
+from logonet.events import parse_event_line
+from logonet.nets import build_model
+from logonet.train.init import init_from_card
+
+TINY = ["--clusterers", "3", "--k-min", "4", "--k-max", "8", "--roi", "32", "--features", "16", "--lr", "2e-3",
+        "--warmup", "0", "--device", "cpu", "--progress", "jsonl"]
+VIT = ["--model", "unetr", "--feature-size", "8", "--model-kwargs",
+       json.dumps({"hidden_size": 96, "mlp_dim": 192, "num_heads": 4})]
+
+
+def _pretrain(*argv):
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = cli.main(["pretrain", *[str(a) for a in argv]])
+    events = [e for e in map(parse_event_line, buffer.getvalue().splitlines()) if e]
+    return code, events
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Two 32^3 unlabeled phantoms, a corrupt file and a 2-D image in one flat folder."""
+    from logonet.data.phantom import write_phantom_dataset
+
+    root = tmp_path_factory.mktemp("ssl")
+    phantoms = write_phantom_dataset(root / "ph", 2, size=32, seed=0, unlabeled=True)
+    flat = root / "flat"
+    flat.mkdir()
+    for path in sorted((phantoms / "imagesTr").glob("*.nii.gz")):
+        shutil.copy(path, flat / path.name)
+    (flat / "corrupt.nii.gz").write_bytes(b"\x1f\x8b this is not a volume" * 8)
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((32, 32), np.int16)), str(flat / "slice2d.nii.gz"))
+    return flat
+
+
+@pytest.fixture(scope="module")
+def logonet_run(folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pre") / "logonet"
+    code, events = _pretrain(folder, "--out", out, "--model", "logonet", "--preset", "T", "--epochs", "2", *TINY)
+    assert code == 0, events[-3:]
+    return out, events
+
+
+def test_bad_files_are_reported_and_skipped(logonet_run):
+    out, events = logonet_run
+    warned = " ".join(e["message"] for e in events if e["event"] == "warning")
+    assert "corrupt.nii.gz" in warned and "slice2d.nii.gz" in warned and "2-D" in warned
+    assert [e["volumes"] for e in events if e.get("stage") == "pretrain"] == [2]
+    assert events[-1]["event"] == "done"
+
+
+def test_pretraining_lowers_the_pseudo_label_loss(logonet_run):
+    _, events = logonet_run
+    losses = [e["loss"] for e in events if e["event"] == "epoch"]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert losses[-1] < losses[0]
+
+
+def test_card_keys_are_the_backbone_keys_plus_the_head(logonet_run):
+    out, _ = logonet_run
+    card = modelcard.load_model(out)
+    assert card.architecture["name"] == "logonet" and card.architecture["out_channels"] == 16
+    state = card.state_dict()
+    backbone = {k for k in state if not k.startswith("pretrain_head.")}
+    assert backbone == set(build_model("logonet", out_channels=16, preset="T").state_dict())
+    assert {k for k in state if k.startswith("pretrain_head.")} == {
+        "pretrain_head.norm.weight", "pretrain_head.norm.bias", "pretrain_head.proj.weight", "pretrain_head.proj.bias"}
+    ks = card.meta["training"]["head"]["ks"]
+    assert state["pretrain_head.proj.weight"].shape == (3 * max(ks), 16) and all(4 <= k <= 8 for k in ks)
+
+
+def test_card_initialises_logonet_finetuning(logonet_run):
+    out, _ = logonet_run
+    model = build_model("logonet", out_channels=14, preset="T")
+    report = init_from_card(model, str(out))
+    assert report.skipped_head == 4 and not report.missing
+    assert report.loaded >= 0.9 * report.total
+    # Only the layers that depend on the number of classes keep their fresh initialisation.
+    assert all(k.startswith(("fusion.", "global_net.head_out", "local")) for k in report.mismatched)
+    source = modelcard.load_model(out).state_dict()
+    key = next(k for k in model.state_dict() if k.endswith("weight") and "head" not in k)
+    assert torch.equal(model.state_dict()[key], source[key])
+
+
+def test_resume_reuses_scan_and_pseudolabels(logonet_run, folder):
+    out, _ = logonet_run
+    code, events = _pretrain(folder, "--out", out, "--model", "logonet", "--preset", "T", "--epochs", "2",
+                             "--resume", *TINY)
+    assert code == 0
+    stages = [e.get("stage") for e in events if e["event"] == "stage"]
+    assert "pseudolabels" in stages and "cluster_features" not in stages and "clustering" not in stages
+    assert not [e for e in events if e["event"] == "epoch"]  # both epochs were already done
+
+
+def test_vit_backbone_pretrains_and_initialises_finetuning(logonet_run, folder, tmp_path):
+    logonet_out, _ = logonet_run
+    out = tmp_path / "unetr"
+    # A second run pointed at the first run's pseudo-labels reuses them (no clustering again).
+    code, events = _pretrain(folder, "--out", out, "--epochs", "2", "--pseudolabels", logonet_out / "pseudolabels",
+                             *VIT, *TINY)
+    assert code == 0, events[-3:]
+    stages = [e.get("stage") for e in events if e["event"] == "stage"]
+    assert "pseudolabels" in stages and "clustering" not in stages
+    losses = [e["loss"] for e in events if e["event"] == "epoch"]
+    assert len(losses) == 2 and losses[-1] < losses[0]
+    card = modelcard.load_model(out)
+    arch = dict(card.architecture, out_channels=14)
+    model = modelcard.build_network(arch)
+    report = init_from_card(model, str(out))
+    assert report.skipped_head == 4 and report.loaded >= 0.9 * report.total
+    assert all(k.startswith("net.out.") for k in report.mismatched)  # only UNETR's final 1x1 conv
