@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..modelcard import atomic_write
 
 MANIFEST = "manifest.json"
 FEATURES = "features.f16"
@@ -188,8 +188,6 @@ def read_manifest(folder: Path) -> Optional[Dict[str, Any]]:
 
 
 def _write_manifest(folder: Path, manifest: Dict[str, Any]) -> None:
-    from ..modelcard import atomic_write
-
     # modelcard's atomic_write, not data.io's JSON helper: that module imports MONAI (seconds) for nothing here.
     with atomic_write(folder / MANIFEST) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -200,8 +198,6 @@ def _centroid_path(folder: Path, index: int) -> Path:
 
 
 def _write_centroids(folder: Path, index: int, centers: np.ndarray) -> None:
-    from ..modelcard import atomic_write
-
     with atomic_write(_centroid_path(folder, index)) as tmp:
         with open(tmp, "wb") as handle:  # a handle, so numpy does not append ".npz" to the temp name
             np.savez(handle, centroids=centers.astype(np.float32))
@@ -296,33 +292,27 @@ def _extract_features(volumes: Sequence[str], path: Path, settings: ClusterSetti
     order = _choose_volumes(volumes, settings)
     target = max(1, math.ceil(settings.fraction * len(order)))
     min_rows = _MIN_ROWS_PER_K * settings.k_max
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     rows, used = 0, []
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            for index, volume_path in enumerate(order):
-                if len(used) >= target and rows >= min_rows:
-                    break
-                try:
-                    volume = load(volume_path)
-                except UserError as error:
-                    if skip is not None:
-                        skip(volume_path, str(error))
-                        continue
+    with atomic_write(path) as tmp, open(tmp, "wb") as handle:
+        for volume_path in order:
+            if len(used) >= target and rows >= min_rows:
+                break
+            try:
+                volume = load(volume_path)
+            except UserError as error:
+                if skip is None:
                     raise
-                for crop in volume_crops(np.asarray(volume, dtype=np.float32), settings.roi):
-                    feats = slice_features(torch.from_numpy(np.ascontiguousarray(crop))[None, None],
-                                           settings.slice_axis)[0].numpy()
-                    handle.write(feats.astype(np.float16).tobytes())
-                    rows += feats.shape[0]
-                used.append(str(volume_path))
-                reporter.emit("progress", step=len(used), total=target, stage="cluster_features", rows=rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if not used:
-        raise UserError("no volume could be read for clustering; check the data folder")
+                skip(volume_path, str(error))
+                continue
+            for crop in volume_crops(np.asarray(volume, dtype=np.float32), settings.roi):
+                feats = slice_features(torch.from_numpy(np.ascontiguousarray(crop))[None, None],
+                                       settings.slice_axis)[0].numpy()
+                handle.write(feats.astype(np.float16).tobytes())
+                rows += feats.shape[0]
+            used.append(str(volume_path))
+            reporter.emit("progress", step=len(used), total=target, stage="cluster_features", rows=rows)
+        if not used:
+            raise UserError("no volume could be read for clustering; check the data folder")
     return rows, used
 
 
