@@ -97,7 +97,7 @@ def test_archive_extraction_takes_only_reference_files(sample_ct, tmp_path: Path
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, pyio.BytesIO(data))
-    monkeypatch.setattr(sample, "SHA256", sample._sha256(archive))
+    monkeypatch.setattr(sample, "SHA256", io.sha256_file(archive))
     forbid_pip(monkeypatch)
     dest = tmp_path / "offline"
     paths = sample.fetch_sample(dest, archive=archive)

@@ -13,12 +13,13 @@ travel in the file header where the format allows it and always in a sidecar ``<
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -321,21 +322,31 @@ def _make_reader_class() -> type:
             meta["original_channel_dim"] = 0
             return np.stack(arrays, axis=0), meta
 
-    SimpleITKReader.__module__ = __name__
-    SimpleITKReader.__qualname__ = "SimpleITKReader"
     return SimpleITKReader
 
 
-_LAZY: Dict[str, Any] = {}
+def lazy_module_attrs(module_name: str, factories: Mapping[str, Callable[[], type]]) -> Callable[[str], Any]:
+    """A PEP 562 module ``__getattr__`` that builds classes on first use (to keep imports free of MONAI).
+
+    Each class gets ``module_name`` and its attribute name as ``__module__``/``__qualname__`` so it pickles
+    (DataLoader workers, PersistentDataset).
+    """
+    cache: Dict[str, type] = {}
+
+    def __getattr__(name: str) -> Any:
+        if name not in factories:
+            raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
+        if name not in cache:
+            cls = factories[name]()
+            cls.__module__, cls.__qualname__ = module_name, name
+            cache[name] = cls
+        return cache[name]
+
+    return __getattr__
 
 
-def __getattr__(name: str) -> Any:
-    """``io.SimpleITKReader`` is created lazily (PEP 562) to keep ``import logonet.data.io`` free of MONAI."""
-    if name == "SimpleITKReader":
-        if name not in _LAZY:
-            _LAZY[name] = _make_reader_class()
-        return _LAZY[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+#: ``io.SimpleITKReader`` is built lazily.
+__getattr__ = lazy_module_attrs(__name__, {"SimpleITKReader": _make_reader_class})
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -356,6 +367,15 @@ def write_image(image: sitk.Image, path: PathLike, compress: bool = True) -> Pat
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
+
+
+def sha256_file(path: PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_json_atomic(data: Any, path: PathLike) -> Path:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import subprocess
@@ -178,16 +177,8 @@ def _pip_download(folder: Path, log) -> Path:
     return tarball
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _verify(tarball: Path) -> None:
-    actual = _sha256(tarball)
+    actual = io.sha256_file(tarball)
     if actual != SHA256:
         raise UserError(f"{tarball.name} has sha256 {actual}, expected {SHA256}: the download is corrupt or not "
                         f"the pinned {PACKAGE}=={VERSION} source archive. Delete it and run 'logonet sample' again.")

@@ -143,21 +143,11 @@ def _make_load_class() -> type:
                 d[key] = tensor
             return d
 
-    LoadVolumed.__module__ = __name__
-    LoadVolumed.__qualname__ = "LoadVolumed"
     return LoadVolumed
 
 
-_LAZY: Dict[str, Any] = {}
-
-
-def __getattr__(name: str) -> Any:
-    """``LoadVolumed`` is built on first use (PEP 562) so importing this module stays free of MONAI."""
-    if name == "LoadVolumed":
-        if name not in _LAZY:
-            _LAZY[name] = _make_load_class()
-        return _LAZY[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+#: ``transforms.LoadVolumed`` is built lazily.
+__getattr__ = io.lazy_module_attrs(__name__, {"LoadVolumed": _make_load_class})
 
 
 # ------------------------------------------------------------------------------------------ pipelines
