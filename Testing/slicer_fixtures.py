@@ -78,6 +78,7 @@ def mrml():
     colors.SetMRMLScene(scene)
     colors.AddDefaultColorNodes()
     logics = {"Colors": colors}
+    app.SetModuleLogic("Colors", colors)
     for name, cls in (("Volumes", slicer.vtkSlicerVolumesLogic),
                       ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic),
                       ("SubjectHierarchy", slicer.vtkSlicerSubjectHierarchyModuleLogic)):

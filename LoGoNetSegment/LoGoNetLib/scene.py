@@ -279,8 +279,8 @@ def add_to_training_set(volume_node, segmentation_node, dataset_dir, case_id: Op
     ``labelsTr/<case>.nii.gz`` and ``dataset.json``.
 
     Label values are stable across cases: an existing ``dataset.json`` decides the values of the names it
-    knows, then ``labels`` (the model card's), then the segments' own label values; a new segment name gets
-    the next free value and is added to ``dataset.json``.
+    knows, then ``labels`` (the model card's); a new segment name gets the next free value and is added to
+    ``dataset.json``.
     """
     dataset_dir = Path(dataset_dir)
     images, label_dir = dataset_dir / "imagesTr", dataset_dir / "labelsTr"
@@ -297,10 +297,8 @@ def add_to_training_set(volume_node, segmentation_node, dataset_dir, case_id: Op
         segment = segmentation.GetNthSegment(i)
         name = segment.GetName()
         colors.setdefault(name, [int(round(c * 255)) for c in segment.GetColor()])
-        if name not in name_to_value:
-            wanted = segment.GetLabelValue() if hasattr(segment, "GetLabelValue") else 0
-            used = set(name_to_value.values())
-            name_to_value[name] = wanted if wanted >= 1 and wanted not in used else max(used | {0}) + 1
+        if name not in name_to_value:  # a segment the model does not know (e.g. added by the annotator)
+            name_to_value[name] = max(set(name_to_value.values()) | {0}) + 1
     if not name_to_value:
         raise ValueError("the segmentation has no segments to add to the training set")
     ordered = sorted(name_to_value.items(), key=lambda item: item[1])
