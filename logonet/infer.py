@@ -1,0 +1,356 @@
+"""``logonet segment`` and :class:`Predictor`: a model card + a CT volume -> an organ label map on the CT's grid.
+
+Pipeline (DESIGN.md "How data flows"): read (NIfTI/NRRD/MHA/DICOM) -> RAS + the card's spacing + HU window
+(:func:`logonet.data.transforms.preprocess_for_inference`) -> MONAI sliding-window inference with Gaussian
+blending (AMP on CUDA) -> argmax -> card label values -> nearest-neighbour back onto the input's exact grid
+-> optional largest connected component per organ -> written with the input's geometry and label names.
+CUDA out-of-memory falls back to stitching on the CPU, then to the CPU entirely; each fallback is logged.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io as _io
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from . import modelcard
+from .errors import UserError
+from .events import ProgressReporter
+
+PathLike = Union[str, Path]
+#: Overlap of ``--fast`` (0.25 needs ~3x fewer windows than the paper's 0.5 in 3-D).
+FAST_OVERLAP = 0.25
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sliding window
+# ----------------------------------------------------------------------------------------------------------
+def count_windows(shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:
+    """How many windows MONAI's sliding window visits for a spatial ``shape`` (after padding to ``roi``)."""
+    from monai.data.utils import dense_patch_slices
+    from monai.inferers.utils import _get_scan_interval
+
+    padded = [max(int(s), int(r)) for s, r in zip(shape, roi)]
+    interval = _get_scan_interval(padded, list(roi), len(roi), [overlap] * len(roi))
+    return len(dense_patch_slices(padded, list(roi), interval))
+
+
+def sliding_window_logits(model: torch.nn.Module, image: torch.Tensor, roi: Sequence[int], *,
+                          device: torch.device, overlap: float = 0.5, sw_batch_size: int = 4,
+                          amp_dtype: Optional[torch.dtype] = None, stitch_device: Optional[torch.device] = None,
+                          on_window: Optional[Callable[[], None]] = None) -> torch.Tensor:
+    """Class scores for a whole volume: ``image`` (1, 1, X, Y, Z) -> (1, C, X, Y, Z) float32 on ``stitch_device``.
+
+    Windows of ``roi`` run on ``device`` (autocast with ``amp_dtype`` when given) and are blended with a
+    Gaussian weight map on ``stitch_device`` (default: ``device``). ``on_window`` is called per batch of windows.
+    """
+    from monai.inferers import sliding_window_inference
+
+    from .train.engine import autocast
+
+    def predictor(window: torch.Tensor) -> torch.Tensor:
+        with autocast(device, amp_dtype):
+            out = model(window.to(device))
+        if on_window is not None:
+            on_window()
+        return out.float()
+
+    with torch.no_grad():
+        return sliding_window_inference(torch.as_tensor(image).float(), tuple(int(r) for r in roi), sw_batch_size,
+                                        predictor, overlap=overlap, mode="gaussian", sw_device=device,
+                                        device=stitch_device or device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# post-processing
+# ----------------------------------------------------------------------------------------------------------
+def keep_largest_component(labels: np.ndarray, values: Sequence[int]) -> np.ndarray:
+    """Per organ value, keep only its largest 26-connected component (others become background)."""
+    from scipy import ndimage
+
+    out = labels.copy()
+    structure = np.ones((3, 3, 3), dtype=bool)
+    for value in values:
+        mask = labels == value
+        if not value or not mask.any():
+            continue
+        components, count = ndimage.label(mask, structure=structure)
+        if count > 1:
+            sizes = np.bincount(components.ravel())
+            sizes[0] = 0
+            out[mask & (components != int(sizes.argmax()))] = 0
+    return out
+
+
+def organ_volumes(labels: np.ndarray, spacing: Sequence[float], names: Dict[int, str]) -> List[Dict[str, Any]]:
+    """Rows ``{value, name, voxels, volume_ml}`` for every labelled organ (mL = voxels * voxel mm^3 / 1000)."""
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    counts = np.bincount(labels.ravel().astype(np.int64), minlength=max(names, default=0) + 1)
+    return [{"value": v, "name": names[v], "voxels": int(counts[v]), "volume_ml": round(float(counts[v]) * voxel_ml, 3)}
+            for v in sorted(names)]
+
+
+def parse_roi(text: Optional[str], size: Sequence[int]) -> Optional[Tuple[int, int, int, int, int, int]]:
+    """``"x0,y0,z0,x1,y1,z1"`` (voxel indices i,j,k, end exclusive) checked against the volume ``size``."""
+    if text is None:
+        return None
+    try:
+        roi = tuple(int(v) for v in str(text).replace(" ", "").split(","))
+    except ValueError:
+        raise UserError(f"--roi {text!r}: expected six integers x0,y0,z0,x1,y1,z1 (voxel indices)") from None
+    if len(roi) != 6:
+        raise UserError(f"--roi {text!r}: expected six integers x0,y0,z0,x1,y1,z1, got {len(roi)}")
+    lo, hi = roi[:3], roi[3:]
+    for axis, (a, b, n) in enumerate(zip(lo, hi, size)):
+        if not 0 <= a < b <= n:
+            raise UserError(f"--roi {text}: axis {'ijk'[axis]} range [{a}, {b}) is outside the volume (size "
+                            f"{tuple(size)}; indices run 0..{n}, start < end)")
+    return roi  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the predictor
+# ----------------------------------------------------------------------------------------------------------
+class Predictor:
+    """Load a model card once, segment many volumes.
+
+    >>> p = Predictor("demo", device="auto")
+    >>> labels, timings = p.predict(sitk_image)        # SimpleITK label image on sitk_image's grid
+    """
+
+    def __init__(self, model: PathLike = "demo", device: str = "auto", *, overlap: float = 0.5,
+                 sw_batch_size: int = 4, amp: str = "auto", reporter: Optional[ProgressReporter] = None) -> None:
+        from .data.transforms import PreprocessConfig
+        from .train.engine import resolve_amp, select_device
+
+        self.card = modelcard.load_model(model)
+        if not self.card.labels:
+            raise UserError(f"{self.card.path} is a pre-training model card without organ labels; "
+                            "fine-tune it before segmenting")
+        if not 0.0 <= overlap < 1.0:
+            raise UserError(f"--overlap must be in [0, 1), got {overlap}")
+        self.device = select_device(device)
+        self.overlap = overlap
+        self.sw_batch_size = sw_batch_size
+        self.amp_dtype = resolve_amp(amp, self.device)
+        self.reporter = reporter or ProgressReporter("none")
+        self.cfg = PreprocessConfig.from_dict(self.card.preprocessing)
+        self.net = self.card.build_model(self.device)
+        self.lookup = np.asarray(self.card.label_values, dtype=np.uint16)
+
+    @property
+    def label_names(self) -> Dict[int, str]:
+        return self.card.label_names
+
+    def _warn(self, message: str) -> None:
+        self.reporter.emit("warning", message=message)
+        if self.reporter.mode == "none":
+            print(f"[logonet] warning: {message}", file=sys.stderr)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(1, 1, X, Y, Z) preprocessed -> (1, C, X, Y, Z) scores, with the CUDA out-of-memory fallbacks."""
+        roi = self.cfg.roi_size
+        n_windows = math.ceil(count_windows(x.shape[2:], roi, self.overlap) / self.sw_batch_size)
+        cpu = torch.device("cpu")
+        attempts = [(self.device, self.device)]
+        if self.device.type == "cuda":
+            attempts += [(self.device, cpu), (cpu, cpu)]
+        for index, (compute, stitch) in enumerate(attempts):
+            done = [0]
+
+            def tick() -> None:
+                done[0] += 1
+                self.reporter.emit("progress", step=done[0], total=n_windows, stage="inference")
+
+            try:
+                if compute.type == "cpu" and next(self.net.parameters()).device.type != "cpu":
+                    self.net = self.net.to(cpu)
+                return sliding_window_logits(self.net, x, roi, device=compute, overlap=self.overlap,
+                                             sw_batch_size=self.sw_batch_size,
+                                             amp_dtype=self.amp_dtype if compute.type == "cuda" else None,
+                                             stitch_device=stitch, on_window=tick)
+            except torch.cuda.OutOfMemoryError:
+                if index + 1 == len(attempts):
+                    raise
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                nxt = attempts[index + 1]
+                self._warn("CUDA out of memory: " + ("stitching windows on the CPU" if nxt[0].type == "cuda"
+                                                     else "running the whole inference on the CPU"))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def predict(self, image: Any, roi: Optional[Sequence[int]] = None,
+                largest_component: bool = False) -> Tuple[Any, Dict[str, float]]:
+        """SimpleITK volume -> (SimpleITK label image on exactly ``image``'s grid, per-stage seconds).
+
+        ``roi`` = (x0, y0, z0, x1, y1, z1) voxel indices (end exclusive): only that box is segmented, the rest
+        of the output is background.
+        """
+        import SimpleITK as sitk
+
+        from .data.transforms import labels_to_input_grid, preprocess_for_inference
+
+        timings: Dict[str, float] = {}
+        t = time.perf_counter()
+        source = image
+        if roi is not None:
+            x0, y0, z0, x1, y1, z1 = roi
+            source = image[x0:x1, y0:y1, z0:z1]  # SimpleITK slicing keeps the physical geometry
+        self.reporter.emit("stage", stage="preprocess")
+        x = preprocess_for_inference(source, self.cfg)
+        timings["preprocess"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        self.reporter.emit("stage", stage="inference")
+        scores = self.logits(torch.as_tensor(x)[None].float())
+        channels = scores.argmax(1)[0].cpu().numpy()
+        del scores
+        timings["inference"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        self.reporter.emit("stage", stage="postprocess")
+        values = self.lookup[channels].astype(np.uint8 if self.lookup.max() < 256 else np.uint16)
+        label_image = labels_to_input_grid(values, source, affine=np.asarray(x.affine))
+        array = sitk.GetArrayFromImage(label_image)
+        if roi is not None:
+            full = np.zeros(tuple(reversed(image.GetSize())), dtype=array.dtype)
+            full[z0:z1, y0:y1, x0:x1] = array
+            array = full
+        if largest_component:
+            array = keep_largest_component(array, self.card.label_values[1:])
+        out = sitk.GetImageFromArray(array)
+        out.CopyInformation(image)
+        timings["postprocess"] = time.perf_counter() - t
+        return out, timings
+
+    def segment_file(self, input_path: PathLike, output_path: PathLike, *, roi: Optional[str] = None,
+                     largest_component: bool = False) -> Dict[str, Any]:
+        """Read, segment, write (atomically, with label names). Returns timings and organ volumes."""
+        import SimpleITK as sitk
+
+        from .data import io
+
+        t = time.perf_counter()
+        self.reporter.emit("stage", stage="read", path=str(input_path))
+        image = io.read_image(input_path)
+        box = parse_roi(roi, image.GetSize())
+        read_s = time.perf_counter() - t
+        labels, timings = self.predict(image, box, largest_component)
+        t = time.perf_counter()
+        self.reporter.emit("stage", stage="write", path=str(output_path))
+        io.write_labelmap(labels, image, output_path, self.card.labels)
+        timings = {"read": read_s, **timings, "write": time.perf_counter() - t}
+        volumes = organ_volumes(sitk.GetArrayViewFromImage(labels), image.GetSpacing(), self.label_names)
+        return {"input": str(input_path), "output": str(output_path), "timings": timings, "volumes": volumes}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the command
+# ----------------------------------------------------------------------------------------------------------
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", metavar="INPUT", help="volume file (.nii.gz, .nrrd, .mha), DICOM series folder, "
+                                                       "or a folder of volumes (batch mode)")
+    parser.add_argument("output", metavar="OUTPUT", help="label map file (.nii.gz, .nrrd, .seg.nrrd, .mha); "
+                                                         "a folder in batch mode")
+    parser.add_argument("--model", default="demo", help="model card folder, a training output folder, or 'demo'")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default 0.5)")
+    parser.add_argument("--fast", action="store_true",
+                        help=f"fewer windows: overlap {FAST_OVERLAP} unless --overlap is given")
+    parser.add_argument("--roi", default=None, metavar="x0,y0,z0,x1,y1,z1",
+                        help="segment only this box (voxel indices of INPUT, end exclusive)")
+    parser.add_argument("--largest-component", action="store_true", help="keep each organ's largest component")
+    parser.add_argument("--stats", default=None, metavar="CSV", help="write each organ's volume in mL")
+    parser.add_argument("--sw-batch", type=int, default=4, help="windows per forward pass")
+    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
+    parser.add_argument("--progress", default=None, choices=["jsonl", "tqdm", "none"])
+
+
+def _batch_inputs(folder: Path) -> List[Path]:
+    """Volumes and DICOM series folders directly inside ``folder``."""
+    from .data import io
+
+    items = [p for p in sorted(folder.iterdir()) if io.is_volume_file(p)]
+    items += [p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".") and io.dicom_series(p)]
+    return items
+
+
+def _write_stats(rows: List[Dict[str, Any]], path: PathLike) -> None:
+    from .modelcard import atomic_write
+
+    buffer = _io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["case", "value", "name", "voxels", "volume_ml"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_write(path) as tmp:
+        tmp.write_text(buffer.getvalue())
+
+
+def plan_jobs(input_path: Path, output_path: Path) -> List[Tuple[Path, Path]]:
+    """(input, output) pairs; a folder without a DICOM series is batch mode. Checks names before any work."""
+    from .data import io
+
+    if not input_path.exists():
+        raise UserError(f"{input_path} does not exist; check the path")
+    if input_path.is_dir() and not io.dicom_series(input_path):
+        inputs = _batch_inputs(input_path)
+        if not inputs:
+            raise UserError(f"{input_path} holds no volumes (.nii.gz, .nrrd, .mha) and no DICOM series")
+        if output_path.exists() and not output_path.is_dir():
+            raise UserError(f"batch mode: OUTPUT {output_path} must be a folder, not a file")
+        jobs = []
+        for item in inputs:
+            stem = io.strip_volume_suffix(item) if item.is_file() else item.name
+            suffix = io.volume_suffix(item) if item.is_file() and io.volume_suffix(item) != ".mhd" else ".nii.gz"
+            jobs.append((item, output_path / f"{stem}{suffix}"))
+        return jobs
+    if not io.volume_suffix(output_path):
+        raise UserError(f"OUTPUT {output_path} must end in one of {', '.join(io.VOLUME_SUFFIXES)}")
+    return [(input_path, output_path)]
+
+
+def run(args: argparse.Namespace) -> int:
+    from .train.finetune import reporter_for
+
+    reporter = reporter_for(args.progress)
+    t0 = time.perf_counter()
+    jobs = plan_jobs(Path(args.input), Path(args.output))
+    if args.stats and Path(args.stats).is_dir():
+        raise UserError(f"--stats {args.stats} is a folder; give a .csv file name")
+    overlap = args.overlap if args.overlap is not None else (FAST_OVERLAP if args.fast else 0.5)
+    reporter.emit("start", total=len(jobs), model=str(args.model), device=str(args.device))
+    t = time.perf_counter()
+    reporter.emit("stage", stage="load_model")
+    predictor = Predictor(args.model, device=args.device, overlap=overlap, sw_batch_size=args.sw_batch,
+                          amp=args.amp, reporter=reporter)
+    load_s = time.perf_counter() - t
+    rows: List[Dict[str, Any]] = []
+    results = []
+    for index, (src, dst) in enumerate(jobs):
+        if len(jobs) > 1:
+            reporter.emit("progress", step=index, total=len(jobs), stage="cases", case=str(src))
+        result = predictor.segment_file(src, dst, roi=args.roi, largest_component=args.largest_component)
+        results.append(result)
+        rows += [{"case": src.name, **row} for row in result["volumes"]]
+        timing_text = ", ".join(f"{k} {v:.2f}s" for k, v in result["timings"].items())
+        if reporter.mode != "jsonl":
+            print(f"{src} -> {dst} ({timing_text})", file=sys.stderr)
+    if len(jobs) > 1:
+        reporter.emit("progress", step=len(jobs), total=len(jobs), stage="cases")
+    if args.stats:
+        _write_stats(rows, args.stats)
+    timings = {"load_model": round(load_s, 3), **{k: round(sum(r["timings"][k] for r in results), 3)
+                                                  for k in results[0]["timings"]},
+               "total": round(time.perf_counter() - t0, 3)}
+    reporter.emit("done", outputs=[r["output"] for r in results], device=str(predictor.device), timings=timings)
+    if reporter.mode != "jsonl":
+        print("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()) + f" on {predictor.device}",
+              file=sys.stderr)
+    return 0
