@@ -88,9 +88,11 @@ def dicom_series(folder: PathLike) -> List[Tuple[str, List[str]]]:
 def _check_volume(image: sitk.Image, path: PathLike) -> sitk.Image:
     """Accept 3-D scalar volumes only (squeezing a trailing length-1 4th axis)."""
     if image.GetNumberOfComponentsPerPixel() != 1:
+        layers = " or a segmentation with overlapping layers (export it as a label map)" \
+            if str(path).lower().endswith(".seg.nrrd") else ""
         raise UserError(
-            f"{path} has {image.GetNumberOfComponentsPerPixel()} components per voxel (color or vector image); "
-            "give a single-channel CT volume."
+            f"{path} has {image.GetNumberOfComponentsPerPixel()} components per voxel (a color or vector image"
+            f"{layers}); give a single-channel CT volume."
         )
     if image.GetDimension() == 4:
         size = image.GetSize()
