@@ -125,3 +125,25 @@ def test_vit_backbone_pretrains_and_initialises_finetuning(logonet_run, folder, 
     report = init_from_card(model, str(out))
     assert report.skipped_head == 4 and report.loaded >= 0.9 * report.total
     assert all(k.startswith("net.out.") for k in report.mismatched)  # only UNETR's final 1x1 conv
+
+
+def test_bad_requests_are_one_line_errors(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.nrrd").write_bytes(b"NRRD0004\ngarbage")
+    for argv, expected in [
+        ([empty, "--out", tmp_path / "o1", "--roi", "40"], "multiple of 32"),
+        ([empty, "--out", tmp_path / "o2", "--roi", "32"], "holds no volumes"),
+        ([bad, "--out", tmp_path / "o3", "--roi", "32"], "none of the 1 files"),
+    ]:
+        code, _ = _pretrain(*argv, "--device", "cpu")
+        assert code == 2
+        assert expected in capsys.readouterr().err
+
+
+def test_existing_run_needs_resume(logonet_run, folder, capsys):
+    out, _ = logonet_run
+    code, _ = _pretrain(folder, "--out", out, "--model", "logonet", "--preset", "T", "--epochs", "2", *TINY)
+    assert code == 2 and "--resume" in capsys.readouterr().err
