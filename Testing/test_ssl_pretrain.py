@@ -48,31 +48,45 @@ def folder(tmp_path_factory):
     return flat
 
 
-@pytest.fixture(scope="module")
-def logonet_run(folder, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pre") / "logonet"
+# One test per pretrain run, so that pytest-xdist never runs the same (costly) pre-training on two workers.
+def test_logonet_pretrain_end_to_end(folder, tmp_path, capsys):
+    out = tmp_path / "logonet"
     code, events = _pretrain(folder, "--out", out, "--model", "logonet", "--preset", "T", "--epochs", "2", *TINY)
     assert code == 0, events[-3:]
-    return out, events
+    assert events[-1]["event"] == "done"
+    _check_bad_files_reported_and_skipped(events)
+    _check_loss_lowered(events)
+    _check_card_keys(out)
+    _check_logonet_finetune_init(out)
+
+    # --resume: scan verdicts and pseudo-labels are reused (no clustering again), no epoch is left to do.
+    code, events = _pretrain(folder, "--out", out, "--model", "logonet", "--preset", "T", "--epochs", "2",
+                             "--resume", *TINY)
+    assert code == 0
+    stages = [e.get("stage") for e in events if e["event"] == "stage"]
+    assert "pseudolabels" in stages and "cluster_features" not in stages and "clustering" not in stages
+    assert not [e for e in events if e["event"] == "epoch"]
+
+    # The same folder again without --resume is refused rather than overwritten.
+    capsys.readouterr()
+    code, _ = _pretrain(folder, "--out", out, "--model", "logonet", "--preset", "T", "--epochs", "2", *TINY)
+    assert code == 2 and "--resume" in capsys.readouterr().err
 
 
-def test_bad_files_are_reported_and_skipped(logonet_run):
-    out, events = logonet_run
+def _check_bad_files_reported_and_skipped(events):
     warned = " ".join(e["message"] for e in events if e["event"] == "warning")
     assert "corrupt.nii.gz" in warned and "slice2d.nii.gz" in warned and "2-D" in warned
     assert [e["volumes"] for e in events if e.get("stage") == "pretrain"] == [2]
-    assert events[-1]["event"] == "done"
 
 
-def test_pretraining_lowers_the_pseudo_label_loss(logonet_run):
-    _, events = logonet_run
+def _check_loss_lowered(events):
     losses = [e["loss"] for e in events if e["event"] == "epoch"]
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert losses[-1] < losses[0]
 
 
-def test_card_keys_are_the_backbone_keys_plus_the_head(logonet_run):
-    out, _ = logonet_run
+def _check_card_keys(out):
+    """Backbone tensors under build_model's names, head tensors under pretrain_head."""
     card = modelcard.load_model(out)
     assert card.architecture["name"] == "logonet" and card.architecture["out_channels"] == 16
     state = card.state_dict()
@@ -84,8 +98,7 @@ def test_card_keys_are_the_backbone_keys_plus_the_head(logonet_run):
     assert state["pretrain_head.proj.weight"].shape == (3 * max(ks), 16) and all(4 <= k <= 8 for k in ks)
 
 
-def test_card_initialises_logonet_finetuning(logonet_run):
-    out, _ = logonet_run
+def _check_logonet_finetune_init(out):
     model = build_model("logonet", out_channels=14, preset="T")
     report = init_from_card(model, str(out))
     assert report.skipped_head == 4 and not report.missing
@@ -97,31 +110,15 @@ def test_card_initialises_logonet_finetuning(logonet_run):
     assert torch.equal(model.state_dict()[key], source[key])
 
 
-def test_resume_reuses_scan_and_pseudolabels(logonet_run, folder):
-    out, _ = logonet_run
-    code, events = _pretrain(folder, "--out", out, "--model", "logonet", "--preset", "T", "--epochs", "2",
-                             "--resume", *TINY)
-    assert code == 0
-    stages = [e.get("stage") for e in events if e["event"] == "stage"]
-    assert "pseudolabels" in stages and "cluster_features" not in stages and "clustering" not in stages
-    assert not [e for e in events if e["event"] == "epoch"]  # both epochs were already done
-
-
-def test_vit_backbone_pretrains_and_initialises_finetuning(logonet_run, folder, tmp_path):
-    logonet_out, _ = logonet_run
+def test_vit_backbone_pretrains_and_initialises_finetuning(folder, tmp_path):
     out = tmp_path / "unetr"
-    # A second run pointed at the first run's pseudo-labels reuses them (no clustering again).
-    code, events = _pretrain(folder, "--out", out, "--epochs", "1", "--pseudolabels", logonet_out / "pseudolabels",
-                             *VIT, *TINY)
+    code, events = _pretrain(folder, "--out", out, "--epochs", "1", *VIT, *TINY)
     assert code == 0, events[-3:]
-    stages = [e.get("stage") for e in events if e["event"] == "stage"]
-    assert "pseudolabels" in stages and "clustering" not in stages
     losses = [e["loss"] for e in events if e["event"] == "epoch"]
     assert len(losses) == 1 and np.isfinite(losses[0])
     card = modelcard.load_model(out)
-    assert card.meta["training"]["pseudolabels"]["folder"] == str((logonet_out / "pseudolabels").resolve())
-    arch = dict(card.architecture, out_channels=14)
-    model = modelcard.build_network(arch)
+    assert card.architecture["kwargs"]["img_size"] == [32, 32, 32]
+    model = modelcard.build_network(dict(card.architecture, out_channels=14))
     report = init_from_card(model, str(out))
     assert report.skipped_head == 4 and report.loaded >= 0.9 * report.total
     assert all(k.startswith("net.out.") for k in report.mismatched)  # only UNETR's final 1x1 conv
@@ -142,8 +139,3 @@ def test_bad_requests_are_one_line_errors(tmp_path, capsys):
         assert code == 2
         assert expected in capsys.readouterr().err
 
-
-def test_existing_run_needs_resume(logonet_run, folder, capsys):
-    out, _ = logonet_run
-    code, _ = _pretrain(folder, "--out", out, "--model", "logonet", "--preset", "T", "--epochs", "2", *TINY)
-    assert code == 2 and "--resume" in capsys.readouterr().err
