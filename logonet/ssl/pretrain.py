@@ -251,9 +251,9 @@ def run(args: argparse.Namespace) -> int:
             fit_pseudolabels(volumes, label_dir, settings, volume_loader(cfg), reporter,
                              skip=lambda path, why: reporter.emit("warning", message=f"skipping {path}: {why}",
                                                                   path=path))
-        _barrier(dist)
-        if not dist.is_main:
-            volumes = scan_volumes(args.data, out, reporter)
+        else:
+            _wait_for_pseudolabels(label_dir)
+            volumes = scan_volumes(args.data, out, reporter)  # rank 0's verdicts are cached: no file is read again
         labeler = PseudoLabeler.load(label_dir).to(dist.device)
 
         eng.seed_everything(args.seed + dist.rank)
@@ -320,8 +320,13 @@ def run(args: argparse.Namespace) -> int:
         eng.cleanup_distributed(dist)
 
 
-def _barrier(dist: eng.DistContext) -> None:
-    if dist.distributed:
-        import torch.distributed as tdist
+def _wait_for_pseudolabels(folder: Path, poll_s: float = 2.0) -> None:
+    """Other ranks wait for rank 0's clustering by polling its manifest, not with a collective barrier: clustering
+    a large folder can outlast the process group's timeout. If rank 0 fails, torchrun ends this process."""
+    from .pseudolabels import read_manifest
 
-        tdist.barrier()
+    while True:
+        manifest = read_manifest(folder) if (folder / "manifest.json").is_file() else None
+        if manifest is not None and manifest.get("complete"):
+            return
+        time.sleep(poll_s)
