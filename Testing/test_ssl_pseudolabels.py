@@ -104,9 +104,12 @@ def test_other_settings_in_the_same_folder_are_refused(tmp_path):
         _fit(tmp_path / "p", clusterers=4)
 
 
-def test_too_few_slices_is_a_clear_error(tmp_path):
+def test_too_few_slices_is_a_clear_error_and_the_folder_stays_usable(tmp_path):
+    small = _volumes(count=1, size=8)
     with pytest.raises(UserError, match="k-max"):
-        _fit(tmp_path / "p", volumes=_volumes(count=1, size=8), roi=(8, 8, 8), k_min=90, k_max=100)
+        _fit(tmp_path / "p", volumes=small, roi=(8, 8, 8), k_min=90, k_max=100)
+    labeler, _ = _fit(tmp_path / "p", volumes=small, roi=(8, 8, 8), k_min=2, k_max=3)  # as the message advises
+    assert all(2 <= k <= 3 for k in labeler.ks)
 
 
 def test_unreadable_volume_is_skipped(tmp_path):

@@ -258,6 +258,9 @@ def fit_pseudolabels(volumes: Sequence[str], folder: os.PathLike, settings: Clus
     rows, dim = int(manifest["rows"]), settings.feature_dim
     need = max(manifest["ks"])
     if rows < need:
+        # Nothing here is reusable with the settings the user will try next: clear it so the folder can be reused.
+        for name in (FEATURES, MANIFEST):
+            (folder / name).unlink(missing_ok=True)
         raise UserError(f"only {rows} slices were gathered for clustering but a clusterer has K={need}; "
                         "lower --k-max (and --k-min), raise --cluster-fraction or add volumes")
     features = np.memmap(folder / FEATURES, dtype=np.float16, mode="r", shape=(rows, dim))
