@@ -68,7 +68,8 @@ def test_warmup_cosine_shape():
 
 def test_amp_choice_and_device(monkeypatch):
     cpu = torch.device("cpu")
-    assert eng.resolve_amp("auto", cpu) is None  # CPU never autocasts
+    assert eng.resolve_amp("auto", cpu) is None  # CPU autocasts only when asked for bf16
+    assert eng.resolve_amp("bf16", cpu) is torch.bfloat16 and eng.resolve_amp("fp16", cpu) is None
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert eng.resolve_amp("auto", cuda) is torch.bfloat16

@@ -148,12 +148,18 @@ def make_loader(dataset: Any, batch_size: int, *, shuffle: bool = True, dist: Op
 # AMP and schedule
 # ----------------------------------------------------------------------------------------------------------
 def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
-    """Autocast dtype for ``amp`` in auto|bf16|fp16|off. CPU never autocasts (3-D convs are slower in bf16 there)."""
+    """Autocast dtype for ``amp`` in auto|bf16|fp16|off.
+
+    CUDA: ``auto`` = bf16 where supported, else fp16. CPU: only an explicit ``bf16`` autocasts (about 1.7x
+    faster on CPUs with AMX/AVX512-BF16, slower on older ones, so ``auto`` stays fp32 there).
+    """
     amp = (amp or "auto").lower()
     if amp not in ("auto", "bf16", "fp16", "off"):
         raise UserError(f"unknown AMP mode {amp!r}: use auto, bf16, fp16 or off")
-    if device.type != "cuda" or amp == "off":
+    if amp == "off":
         return None
+    if device.type != "cuda":
+        return torch.bfloat16 if amp == "bf16" and device.type == "cpu" else None
     if amp == "fp16":
         return torch.float16
     if amp == "bf16" or torch.cuda.is_bf16_supported():

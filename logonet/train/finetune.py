@@ -130,6 +130,20 @@ def label_entries(names: Mapping[int, str], values: Sequence[int]) -> List[Dict[
     return entries
 
 
+def build_transforms(cfg: Any, values: Sequence[int]) -> Tuple[Any, Any]:
+    """(train, val) MONAI pipelines whose labels are channel indices: foreground ``values`` -> 1..K in order
+    (datasets may use any values, e.g. BTCV without esophagus)."""
+    from monai.transforms import Compose, MapLabelValued
+
+    from ..data.transforms import train_transforms, val_transforms
+
+    channel_of = {v: c for c, v in enumerate([0] + [int(v) for v in values])}
+    if all(k == v for k, v in channel_of.items()):
+        return train_transforms(cfg), val_transforms(cfg)
+    remap = MapLabelValued(keys="label", orig_labels=list(channel_of), target_labels=list(channel_of.values()))
+    return Compose([train_transforms(cfg), remap]), Compose([val_transforms(cfg), remap])
+
+
 class _Repeat(torch.utils.data.Dataset):
     """``times`` passes over ``dataset`` per epoch (one-scan datasets would otherwise be one step per epoch)."""
 
@@ -198,9 +212,8 @@ def make_validator(val_items: Sequence[Mapping[str, Any]], roi: Sequence[int], n
 def run(args: argparse.Namespace) -> int:
     from monai.data import list_data_collate
     from monai.losses import DiceCELoss
-    from monai.transforms import Compose, MapLabelValued
 
-    from ..data.transforms import PreprocessConfig, train_transforms, val_transforms
+    from ..data.transforms import PreprocessConfig
     from ..nets import build_model
 
     reporter = reporter_for(args.progress)
@@ -221,7 +234,6 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.data}: no label names found; add a dataset.json with a \"labels\" map")
     n_classes = len(values) + 1
     entries = label_entries(names, values)
-    channel_of = {v: c for c, v in enumerate([0] + values)}
 
     defaults = PreprocessConfig()
     cfg = PreprocessConfig(
@@ -237,11 +249,7 @@ def run(args: argparse.Namespace) -> int:
         eng.seed_everything(args.seed + dist.rank)
         reporter.emit("stage", stage="data", train_cases=len(train_cases), val_cases=len(val_cases),
                       classes=n_classes)
-        # Label values -> channel indices (datasets may use any values, e.g. BTCV without esophagus).
-        remap = MapLabelValued(keys="label", orig_labels=list(channel_of), target_labels=list(channel_of.values()))
-        identity = all(k == v for k, v in channel_of.items())
-        train_tf = train_transforms(cfg) if identity else Compose([train_transforms(cfg), remap])
-        val_tf = val_transforms(cfg) if identity else Compose([val_transforms(cfg), remap])
+        train_tf, val_tf = build_transforms(cfg, values)
         train_ds = _Repeat(_dataset(train_cases, train_tf, args.cache, out / "cache", args.workers), args.repeats)
         loader = eng.make_loader(train_ds, batch_size=args.batch, shuffle=True, dist=dist, seed=args.seed,
                                  num_workers=args.workers, collate_fn=list_data_collate)

@@ -1,0 +1,151 @@
+"""``logonet finetune`` on tiny phantoms: it learns, writes model cards + metrics, resumes, refuses to clobber
+a run, --init copies weights, and torchrun (2 processes, gloo, CPU) produces the same kind of model card."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from logonet import cli, modelcard
+from logonet.train import finetune
+from logonet.train.init import init_from_card
+
+BASE = ["--preset", "T", "--spacing", "3", "--device", "cpu", "--progress", "jsonl",
+        "--val-fraction", "0", "--no-augment", "--seed", "0"]
+# ULKANet-T (LoGoNet's single-extractor sibling) learns in a handful of CPU steps; LoGoNet-T runs under torchrun.
+COMMON = BASE + ["--model", "ulkanet", "--roi", "32", "--samples", "4"]
+
+
+def _events(text):
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def _untrained_dice(data: Path, seed: int = 0) -> float:
+    """Mean Dice of the freshly initialised network (same seed as the run) with the same validator."""
+    from logonet.data.transforms import PreprocessConfig
+    from logonet.events import ProgressReporter
+    from logonet.nets import build_model
+
+    cases, names = finetune.discover_cases(str(data))
+    cfg = PreprocessConfig(spacing=(3.0, 3.0, 3.0), roi_size=(32, 32, 32))
+    _, val_tf = finetune.build_transforms(cfg, sorted(names))
+    items = [val_tf(dict(c)) for c in cases]
+    torch.manual_seed(seed)
+    net = build_model("ulkanet", out_channels=len(names) + 1, preset="T").eval()
+    validate = finetune.make_validator(items, (32, 32, 32), len(names) + 1, list(names.values()), 0.5, None,
+                                       ProgressReporter("none"))
+    return validate(net, torch.device("cpu"))["dice"]
+
+
+@pytest.fixture(scope="module")
+def two_organ_data(make_phantom_dataset, tmp_path_factory):
+    """Phantoms reduced to spleen (1) and liver (6): big enough to learn in a few CPU steps."""
+    import SimpleITK as sitk
+
+    from logonet.data import io
+
+    src = make_phantom_dataset(cases=2, size=48, seed=0)
+    dst = tmp_path_factory.mktemp("two_organs")
+    meta = json.loads((src / "dataset.json").read_text())
+    for entry in meta["training"]:
+        image = io.read_image(src / entry["image"])
+        io.write_image(image, dst / entry["image"])
+        labels = sitk.GetArrayFromImage(io.read_image(src / entry["label"]))
+        labels[(labels != 1) & (labels != 6)] = 0
+        io.write_labelmap(labels, image, dst / entry["label"], {1: "spleen", 6: "liver"})
+    meta["labels"] = {"0": "background", "1": "spleen", "6": "liver"}
+    (dst / "dataset.json").write_text(json.dumps(meta))
+    return dst
+
+
+def test_finetune_learns_then_resumes(two_organ_data, tmp_path, capsys):
+    data = two_organ_data
+    out = tmp_path / "run"
+    code = cli.main(["finetune", str(data), "--out", str(out), "--epochs", "4", "--repeats", "2", "--lr", "5e-3",
+                     "--warmup", "0", *COMMON])
+    events = _events(capsys.readouterr().out)
+    assert code == 0
+    epochs = [e for e in events if e["event"] == "epoch"]
+    assert [e["step"] for e in epochs] == [1, 2, 3, 4]
+    best = max(e["dice"] for e in epochs)
+    untrained = _untrained_dice(data)
+    assert best > untrained + 0.3 and best > 2 * untrained, (best, untrained)
+    assert events[-1]["event"] == "done" and events[-1]["best_dice"] == pytest.approx(best)
+    for kind in ("best", "last"):
+        card = modelcard.load(out / kind)
+        assert card.out_channels == 3 and card.label_names == {1: "spleen", 6: "liver"}
+        assert card.label_values == [0, 1, 6]
+        assert card.spacing == (3.0, 3.0, 3.0) and card.roi_size == (32, 32, 32)
+    assert modelcard.load(out / "best").meta["metrics"]["val_mean_dice"] == pytest.approx(best)
+    assert modelcard.load(out / "last").meta["training"]["epochs"] == 4
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert len(rows) == 4 and "dice_liver" in rows[0]
+    assert (out / "metrics.png").stat().st_size > 1000
+
+    # A second run into the same folder without --resume is refused (nothing overwritten).
+    assert cli.main(["finetune", str(data), "--out", str(out), "--epochs", "5", *COMMON]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+    # Resume: continues at epoch 5 of 5, keeps the history.
+    code = cli.main(["finetune", str(data), "--out", str(out), "--epochs", "5", "--repeats", "2", "--lr", "5e-3",
+                     "--warmup", "0", "--resume", *COMMON])
+    events = _events(capsys.readouterr().out)
+    assert code == 0
+    resume = [e for e in events if e["event"] == "stage" and e.get("stage") == "resume"]
+    assert resume and resume[0]["epoch"] == 4
+    assert [e["step"] for e in events if e["event"] == "epoch"] == [5]
+    assert len(list(csv.DictReader(open(out / "metrics.csv")))) == 5
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 5
+
+    # --init from the trained card: every tensor matches (same architecture and classes).
+    from logonet.nets import build_model
+
+    report = init_from_card(build_model("ulkanet", out_channels=3, preset="T"), str(out))
+    assert report.loaded == report.total and not report.mismatched
+
+
+def test_finetune_bad_arguments(make_phantom_dataset, tmp_path, capsys):
+    data = make_phantom_dataset(cases=2, size=32, seed=0)
+    assert cli.main(["finetune", str(data), "--out", str(tmp_path / "a"), "--roi", "40", "--model", "logonet", *BASE]) == 2
+    assert "multiple of 32" in capsys.readouterr().err
+    assert cli.main(["finetune", str(tmp_path / "none"), "--out", str(tmp_path / "b"), *COMMON]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_split_cases_is_seeded_and_disjoint():
+    cases = [{"id": f"c{i}", "image": "i", "label": "l"} for i in range(10)]
+    train, val = finetune.split_cases(cases, 0.2, seed=1)
+    assert len(val) == 2 and not {c["id"] for c in train} & {c["id"] for c in val}
+    assert finetune.split_cases(cases, 0.2, seed=1) == (train, val)
+    train, val = finetune.split_cases(cases[:1], 0.2, seed=1)
+    assert train == val == cases[:1]  # one case: validate on it
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(make_phantom_dataset, tmp_path):
+    """Marked slow (CI step): two CPU processes under torchrun, DDP over gloo, rank 0 writes the card."""
+    data = make_phantom_dataset(cases=2, size=32, seed=0)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [str(torchrun), "--standalone", "--nnodes=1", "--nproc_per_node=2", "-m", "logonet", "finetune", str(data),
+         "--out", str(out), "--epochs", "1", "--samples", "2", "--roi", "32", "--model", "logonet", *BASE],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = _events(result.stdout)
+    start = [e for e in events if e["event"] == "start"]
+    assert len(start) == 1 and start[0]["world_size"] == 2  # only rank 0 reports
+    assert [e["step"] for e in events if e["event"] == "epoch"] == [1]
+    card = modelcard.load(out / "best")
+    assert card.meta["training"]["world_size"] == 2
+    card.build_model()
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
+        ["best", "checkpoint.pt", "last", "metrics.csv", "metrics.png"]
