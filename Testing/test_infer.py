@@ -140,12 +140,16 @@ def test_roi_and_batch_mode(tmp_path, card, volume, capsys):
     assert not array[~inside].any() and array[inside].any()
 
 
-@pytest.mark.parametrize("roi", ["0,0,0,40,10,10", "5,5,5,5,10,10", "1,2,3", "a,b,c,d,e,f"])
-def test_bad_roi(tmp_path, card, volume, roi, capsys):
+def test_bad_roi(tmp_path, card, volume, capsys):
     src = io.write_image(volume, tmp_path / "ct.nii.gz")
     out = tmp_path / "seg.nii.gz"
-    code, _, err = _segment([src, out, "--model", card, "--device", "cpu", "--roi", roi], capsys)
-    assert code == 2 and "--roi" in err and not out.exists()
+    for roi, message in (("0,0,0,40,10,10", "outside the volume"), ("1,2,3", "six integers")):
+        code, _, err = _segment([src, out, "--model", card, "--device", "cpu", "--roi", roi], capsys)
+        assert code == 2 and "--roi" in err and message in err and not out.exists()
+    with pytest.raises(Exception, match="outside the volume"):
+        infer.parse_roi("5,5,5,5,10,10", (32, 32, 32))  # empty box
+    with pytest.raises(Exception, match="six integers"):
+        infer.parse_roi("a,b,c,d,e,f", (32, 32, 32))
 
 
 def test_bad_inputs_clear_error_nothing_written(tmp_path, card, volume, capsys):

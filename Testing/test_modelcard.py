@@ -122,5 +122,8 @@ def test_bundled_demo_card_is_valid():
     card = modelcard.load(path)
     assert (path / "REPRODUCE.md").is_file()
     assert card.weights_path.stat().st_size < 20 * 1024 * 1024
-    assert len(card.labels) == card.out_channels - 1 and card.architecture["name"] == "logonet"
+    from logonet.nets import available_models
+
+    assert len(card.labels) == card.out_channels - 1 and card.architecture["name"] in available_models()
+    assert card.spacing == (3.0, 3.0, 3.0) and len(card.labels) == 12
     card.build_model()  # hash, format and shapes all check out

@@ -8,6 +8,7 @@ label-balanced random crops, sliding-window validation with per-class Dice, best
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import shlex
@@ -36,6 +37,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder: best/ and last/ model cards, checkpoint, metrics")
     parser.add_argument("--model", default="logonet", help="network name (see logonet.nets.available_models)")
     parser.add_argument("--preset", default="S", help="size preset for logonet/ulkanet: T (tiny), S (paper), L")
+    parser.add_argument("--model-kwargs", default=None, metavar="JSON",
+                        help='extra constructor arguments as JSON, e.g. \'{"channels": [16, 32, 64, 128]}\'')
     parser.add_argument("--init", default=None, metavar="CARD",
                         help="initialise from a model card (SSL pre-training or an earlier fine-tune)")
     parser.add_argument("--epochs", type=int, default=100)
@@ -227,6 +230,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{out} already holds a training run (checkpoint.pt); use --resume to continue it "
                         "or choose another --out")
 
+    try:
+        model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    except ValueError as error:
+        raise UserError(f"--model-kwargs is not valid JSON: {error}") from error
+    if not isinstance(model_kwargs, dict):
+        raise UserError("--model-kwargs must be a JSON object such as '{\"channels\": [16, 32]}'")
     cases, names = discover_cases(args.data)
     train_cases, val_cases = split_cases(cases, args.val_fraction, args.seed)
     values = sorted(v for v in names if v != 0)
@@ -256,11 +265,13 @@ def run(args: argparse.Namespace) -> int:
         val_items: List[Dict[str, Any]] = []
         if dist.is_main:
             val_items = [val_tf(dict(c)) for c in val_cases]  # small: kept in memory, reused every validation
-        architecture = {"name": args.model, "preset": args.preset, "in_channels": 1, "out_channels": n_classes,
-                        "kwargs": {}}
+        # Presets only mean something for the ULKA family; baselines record none.
+        preset = args.preset if args.model.lower() in ("logonet", "ulkanet") else None
+        architecture = {"name": args.model, "preset": preset, "in_channels": 1, "out_channels": n_classes,
+                        "kwargs": model_kwargs}
         try:
-            model = build_model(args.model, in_channels=1, out_channels=n_classes, preset=args.preset)
-        except ValueError as error:
+            model = build_model(args.model, in_channels=1, out_channels=n_classes, preset=preset, **model_kwargs)
+        except (TypeError, ValueError) as error:
             raise UserError(str(error)) from error
         if args.init and not args.resume:
             from .init import init_from_card
@@ -293,7 +304,7 @@ def run(args: argparse.Namespace) -> int:
             modelcard.save(
                 out / kind, net, name=args.name or out.name, architecture=architecture, labels=entries,
                 preprocessing=preprocessing,
-                description=f"{args.model} {args.preset} fine-tuned with logonet finetune ({kind} epoch)",
+                description=f"{args.model} {preset or ''} fine-tuned with logonet finetune ({kind} epoch)".replace("  ", " "),
                 training={"command": command, "data": str(Path(args.data).resolve()),
                           "train_cases": [str(c["id"]) for c in train_cases],
                           "val_cases": [str(c["id"]) for c in val_cases],
