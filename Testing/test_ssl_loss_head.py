@@ -64,6 +64,10 @@ def test_no_masked_slice_gives_zero_with_graph():
 def test_head_shapes_invalid_ids_and_gradients(axis):
     head = PretrainHead(in_channels=8, ks=[3, 5, 2], slice_axis=axis)
     features = torch.randn(2, 8, 12, 10, 6, requires_grad=True)
+    # Zero-initialised projection: every clusterer starts from uniform predictions over its own K_n.
+    start = head(features)
+    assert torch.equal(start[:, :, 1], torch.zeros_like(start[:, :, 1]))
+    torch.nn.init.normal_(head.proj.weight)  # a trained head, so that gradients reach the features
     logits = head(features)
     slices = features.shape[2 + axis]
     assert logits.shape == (2, slices, 3, 5)

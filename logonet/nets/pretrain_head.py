@@ -2,8 +2,8 @@
 
 Used only during masked self-supervised pre-training and dropped at fine-tuning (its keys start with
 ``pretrain_head.``, which ``finetune --init`` skips). Kept small on purpose: each slice's in-plane map is
-average-pooled to a ``C``-vector (optionally a ``grid x grid`` map), normalised, and one linear layer gives
-``N * K_max`` logits. Logits of cluster ids a clusterer does not have (``k >= K_n``) are ``-inf``.
+average-pooled to a ``C``-vector (optionally a ``grid x grid`` map), normalised, and one zero-initialised linear
+layer gives ``N * K_max`` logits. Logits of cluster ids a clusterer does not have (``k >= K_n``) are ``-inf``.
 """
 from __future__ import annotations
 
@@ -37,6 +37,10 @@ class PretrainHead(nn.Module):
         features = in_channels * self.grid * self.grid
         self.norm = nn.LayerNorm(features)
         self.proj = nn.Linear(features, len(self.ks) * self.k_max)
+        # Zero init: training starts from uniform predictions (loss = mean log K_n). A random init divided by the
+        # small temperature (tau = 0.1) would start far more confident, and wrong, than chance.
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
         invalid = torch.arange(self.k_max)[None, :] >= torch.tensor(self.ks)[:, None]  # (N, K_max)
         # Derived from ks, so not saved: the card's weights hold only learnt tensors.
         self.register_buffer("invalid", invalid, persistent=False)

@@ -123,6 +123,22 @@ class PretrainNet(nn.Module):
         return state
 
 
+def make_step(labeler: PseudoLabeler, masking: MaskingConfig, tau: float, generator: Any = None):
+    """The engine's ``step_fn``: targets from the unmasked crop, mask it, loss of Eq. 4-5 on the masked slices.
+
+    ``generator=None`` draws masks from torch's global RNG, which engine checkpoints save, so a resumed run
+    draws the same masks.
+    """
+
+    def step(net: nn.Module, batch: Mapping[str, Any], device: torch.device):
+        crop = torch.as_tensor(batch["image"]).float().to(device, non_blocking=True)  # (B, 1, X, Y, Z) in [0, 1]
+        targets = labeler.assign(crop)
+        masked, slice_mask = mask_crop(crop, masking, generator=generator)
+        return masked_cluster_loss(net(masked), targets, slice_mask, tau=tau)
+
+    return step
+
+
 def architecture_for(args: argparse.Namespace, roi: Tuple[int, int, int]) -> Dict[str, Any]:
     """The card's ``architecture`` block for the backbone (what ``finetune`` must build to load it)."""
     kwargs: Dict[str, Any] = {}
@@ -266,19 +282,15 @@ def run(args: argparse.Namespace) -> int:
         model = PretrainNet(backbone, head)
 
         items = [{"image": path} for path in volumes]
-        dataset = _Repeat(_dataset(items, train_transforms(cfg, keys=("image",)), args.cache, out / "cache",
-                                   args.workers), args.repeats)
+        transform = train_transforms(cfg, keys=("image",))
+        transform.set_random_state(seed=args.seed + dist.rank)  # MONAI's random crops: repeatable for a seed
+        dataset = _Repeat(_dataset(items, transform, args.cache, out / "cache", args.workers), args.repeats)
         loader = eng.make_loader(dataset, batch_size=args.batch, shuffle=True, dist=dist, seed=args.seed,
                                  num_workers=args.workers, collate_fn=list_data_collate)
         reporter.emit("stage", stage="pretrain", volumes=len(volumes), clusterers=labeler.num_clusterers,
                       k_max=labeler.k_max, model=architecture["name"])
 
-        def step(net: nn.Module, batch: Mapping[str, Any], device: torch.device):
-            crop = torch.as_tensor(batch["image"]).float().to(device, non_blocking=True)
-            targets = labeler.assign(crop)  # from the unmasked crop
-            masked, slice_mask = mask_crop(crop, masking)  # torch's global RNG: checkpointed, so resume repeats
-            return masked_cluster_loss(net(masked), targets, slice_mask, tau=args.tau)
-
+        step = make_step(labeler, masking, args.tau)
         warmup = args.warmup if args.warmup is not None else max(0, int(round(0.1 * args.epochs)))
         config = eng.TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
                                  warmup_epochs=warmup, amp=args.amp, seed=args.seed, monitor="loss",
