@@ -124,6 +124,20 @@ def test_vit_backbone_pretrains_and_initialises_finetuning(folder, tmp_path):
     assert report.skipped_head == 4 and report.loaded >= 0.9 * report.total
     assert all(k.startswith("net.out.") for k in report.mismatched)  # only UNETR's final 1x1 conv
 
+    # The command itself: `logonet finetune --init` on labelled phantoms reports what it loaded.
+    from logonet.data.phantom import write_phantom_dataset
+
+    labelled = write_phantom_dataset(tmp_path / "lab", 2, size=32, seed=1)
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = cli.main(["finetune", str(labelled), "--out", str(tmp_path / "ft"), "--model", "unetr",
+                         "--model-kwargs", json.dumps(card.architecture["kwargs"]), "--init", str(out),
+                         "--roi", "32", "--epochs", "1", "--samples", "2", "--val-fraction", "0",
+                         "--device", "cpu", "--progress", "jsonl"])
+    assert code == 0
+    init = [e for e in map(parse_event_line, buffer.getvalue().splitlines()) if e and e.get("stage") == "init"]
+    assert len(init) == 1 and init[0]["loaded"] == report.loaded
+
 
 def test_bad_requests_are_one_line_errors(tmp_path, capsys):
     empty = tmp_path / "empty"
