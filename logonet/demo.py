@@ -45,6 +45,28 @@ def prepare_dataset(out: Any, sample: Optional[Mapping[str, str]] = None) -> Pat
     return out
 
 
+DEMO_DESCRIPTION = ("Demonstration model: trained by `logonet finetune` on ONE public CT (TotalSegmentator example_ct, "
+                    "3 mm, labels mapped to the BTCV schema; 12 organs, no esophagus). Not a clinical model; "
+                    "see REPRODUCE.md.")
+
+
+def bundle(run_dir: Any, dest: Any = None) -> Path:
+    """Copy a training run's best model card into ``Resources/Models/demo`` (fp16, demo description)."""
+    import torch
+
+    from . import modelcard
+
+    card = modelcard.load_model(run_dir)
+    dest = Path(dest) if dest is not None else modelcard.BUNDLED_DIR / "demo"
+    training = dict(card.meta.get("training") or {})
+    training["data"] = "logonet demo --prepare-data DIR (the sample CT example_ct with BTCV-schema labels)"
+    training["reproduce"] = "see REPRODUCE.md next to this file"
+    modelcard.save(dest, card.state_dict(), name="demo", architecture=card.architecture, labels=card.labels,
+                   preprocessing=card.preprocessing, training=training, metrics=card.meta.get("metrics"),
+                   description=DEMO_DESCRIPTION, dtype=torch.float16)
+    return dest
+
+
 def overlay_png(image: Any, labels: Any, colors: Mapping[int, Sequence[int]], path: Any,
                 window: Sequence[float] = (-175.0, 250.0), title: str = "") -> Path:
     """Axial, coronal and sagittal slices through the labelled centre, organs in their colours (RAS view)."""
@@ -96,6 +118,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="ct: the 3 mm training scan; dicom: the 20-slice DICOM series (never trained on)")
     parser.add_argument("--prepare-data", metavar="DIR", default=None,
                         help="only write the demo model's training dataset to DIR (see REPRODUCE.md) and exit")
+    parser.add_argument("--bundle", metavar="RUN", default=None,
+                        help="maintainers: copy RUN's best model card into Resources/Models/demo and exit")
     parser.add_argument("--progress", default=None, choices=["jsonl", "tqdm", "none"])
 
 
@@ -106,6 +130,9 @@ def run(args: argparse.Namespace) -> int:
     from .infer import Predictor
     from .train.finetune import reporter_for
 
+    if args.bundle:
+        print(f"demo model card written to {bundle(args.bundle)}")
+        return 0
     if args.prepare_data:
         out = prepare_dataset(args.prepare_data)
         print(f"demo training dataset written to {out}")

@@ -324,6 +324,7 @@ def save(out_dir: PathLike, model: Union[nn.Module, Mapping[str, torch.Tensor]],
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=str(out_dir.parent)))
     try:
         save_file(tensors, str(tmp_dir / WEIGHTS), metadata={"format": FORMAT})
+        os.chmod(tmp_dir / WEIGHTS, 0o666 & ~_umask())  # ordinary file permissions, like model.json
         meta["weights_sha256"] = sha256_file(tmp_dir / WEIGHTS)
         write_json_atomic(meta, tmp_dir / META)
         os.chmod(tmp_dir, 0o777 & ~_umask())
