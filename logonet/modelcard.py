@@ -9,7 +9,6 @@ file, weights that were changed after the card was written, or tensors that do n
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -50,14 +49,6 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def sha256_file(path: PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -177,6 +168,8 @@ def read_weights(path: PathLike, expected_sha256: Optional[str] = None) -> Dict[
     if len(head) < 9 or head[8:9] != b"{":
         raise UserError(f"{path} is not a safetensors file (bad header); the model card is corrupt")
     if expected_sha256:
+        from .data.io import sha256_file
+
         actual = sha256_file(path)
         if actual != expected_sha256:
             raise UserError(f"{path} has been modified since the model card was written (SHA-256 {actual[:12]}... "
@@ -295,7 +288,7 @@ def save(out_dir: PathLike, model: Union[nn.Module, Mapping[str, torch.Tensor]],
     """
     from safetensors.torch import save_file
 
-    from .data.io import write_json_atomic
+    from .data.io import sha256_file, write_json_atomic
 
     out_dir = Path(out_dir)
     state = model.state_dict() if isinstance(model, nn.Module) else dict(model)

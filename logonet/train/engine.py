@@ -119,6 +119,28 @@ def setup_distributed(device: str = "auto") -> DistContext:
     return DistContext(rank=rank, local_rank=local_rank, world_size=world_size, device=dev, backend=backend)
 
 
+def check_output_folder(out: Union[str, Path], resume: bool, what: str = "training run") -> Path:
+    """Refuse to start a fresh run over an existing one (it would overwrite its checkpoint); ``--resume`` continues."""
+    out = Path(out)
+    if (out / CHECKPOINT_NAME).exists() and not resume:
+        raise UserError(f"{out} already holds a {what} (checkpoint.pt); use --resume to continue it "
+                        "or choose another --out")
+    return out
+
+
+def roi_argument(values: Optional[List[int]], default: int = 96) -> Tuple[int, int, int]:
+    """``--roi`` (1 or 3 ints) -> a 3-tuple whose sides are multiples of 32, else UserError."""
+    values = list(values) if values else [default]
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3:
+        raise UserError(f"--roi takes 1 or 3 numbers, got {len(values)}")
+    roi = tuple(int(v) for v in values)
+    if any(r < 32 or r % 32 for r in roi):
+        raise UserError(f"--roi {roi}: every side must be a multiple of 32 (the networks downsample 32x)")
+    return roi  # type: ignore[return-value]
+
+
 def cleanup_distributed(ctx: Optional[DistContext]) -> None:
     if ctx is not None and ctx.distributed:
         import torch.distributed as tdist

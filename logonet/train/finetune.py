@@ -223,12 +223,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {args.epochs}")
-    roi = tuple(int(r) for r in _triple(args.roi, "roi", [DEFAULT_ROI]))
-    if any(r % 32 for r in roi):
-        raise UserError(f"--roi {roi}: every side must be a multiple of 32 (the networks downsample 32x)")
-    if out.exists() and (out / eng.CHECKPOINT_NAME).exists() and not args.resume:
-        raise UserError(f"{out} already holds a training run (checkpoint.pt); use --resume to continue it "
-                        "or choose another --out")
+    roi = eng.roi_argument(args.roi, DEFAULT_ROI)
+    eng.check_output_folder(out, args.resume, "training run")
 
     try:
         model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
