@@ -11,6 +11,7 @@ import csv
 import io as _io
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -42,7 +43,9 @@ def score(pred: np.ndarray, ref: np.ndarray, values: Sequence[int], spacing: Seq
         dice = float(dice_metric(p, r)[0, 0]) if (n_ref or n_pred) else float("nan")
         hd95 = float("nan")
         if hausdorff and n_ref and n_pred:
-            hd95 = float(hd_metric(p, r, spacing=[float(s) for s in spacing])[0, 0])
+            with warnings.catch_warnings():  # MONAI's own deprecation notice about an internal argument
+                warnings.simplefilter("ignore", FutureWarning)
+                hd95 = float(hd_metric(p, r, spacing=[float(s) for s in spacing])[0, 0])
         rows.append({"value": int(value), "name": names.get(int(value), f"label_{int(value)}"), "dice": dice,
                      "hd95_mm": hd95, "ref_voxels": n_ref, "pred_voxels": n_pred})
     return rows
