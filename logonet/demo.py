@@ -61,9 +61,13 @@ def bundle(run_dir: Any, dest: Any = None) -> Path:
     training = dict(card.meta.get("training") or {})
     training["data"] = "logonet demo --prepare-data DIR (the sample CT example_ct with BTCV-schema labels)"
     training["reproduce"] = "see REPRODUCE.md next to this file"
+    # save() swaps the whole folder in: keep the hand-written files that live beside the card.
+    extras = {p.name: p.read_bytes() for p in dest.glob("*.md")} if dest.is_dir() else {}
     modelcard.save(dest, card.state_dict(), name="demo", architecture=card.architecture, labels=card.labels,
                    preprocessing=card.preprocessing, training=training, metrics=card.meta.get("metrics"),
                    description=DEMO_DESCRIPTION, dtype=torch.float16)
+    for name, data in extras.items():
+        (dest / name).write_bytes(data)
     return dest
 
 
