@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .layers import PackedConv3d
+
 
 class LKA3D(nn.Module):
     """3-D large kernel attention: a ~21^3 receptive field from three cheap convolutions.
@@ -18,7 +20,7 @@ class LKA3D(nn.Module):
         self.norm = nn.BatchNorm3d(channels)
         self.conv_spatial_local = nn.Conv3d(channels, channels, 5, padding=2, groups=channels)
         self.conv_spatial_dilated = nn.Conv3d(channels, channels, 7, padding=9, dilation=3, groups=channels)
-        self.conv_channel = nn.Conv3d(channels, channels, 1, groups=groups)
+        self.conv_channel = PackedConv3d(channels, channels, 1, groups=groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attention = self.conv_channel(self.conv_spatial_dilated(self.conv_spatial_local(self.norm(x))))
@@ -31,10 +33,10 @@ class LKAAttention(nn.Module):
     def __init__(self, dim: int, groups: int = 1) -> None:
         super().__init__()
         channels = groups * dim
-        self.proj_in = nn.Conv3d(channels, channels, 1, groups=groups)
+        self.proj_in = PackedConv3d(channels, channels, 1, groups=groups)
         self.act = nn.GELU()
         self.lka = LKA3D(dim, groups)
-        self.proj_out = nn.Conv3d(channels, channels, 1, groups=groups)
+        self.proj_out = PackedConv3d(channels, channels, 1, groups=groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj_out(self.lka(self.act(self.proj_in(x)))) + x
@@ -46,10 +48,10 @@ class ConvMLP(nn.Module):
     def __init__(self, dim: int, mlp_ratio: int, groups: int = 1) -> None:
         super().__init__()
         hidden = groups * dim * mlp_ratio
-        self.fc_in = nn.Conv3d(groups * dim, hidden, 1, groups=groups)
+        self.fc_in = PackedConv3d(groups * dim, hidden, 1, groups=groups)
         self.dwconv = nn.Conv3d(hidden, hidden, 3, padding=1, groups=hidden)
         self.act = nn.GELU()
-        self.fc_out = nn.Conv3d(hidden, groups * dim, 1, groups=groups)
+        self.fc_out = PackedConv3d(hidden, groups * dim, 1, groups=groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc_out(self.act(self.dwconv(self.fc_in(x))))

@@ -77,7 +77,7 @@ class LoGoNet(nn.Module):
     def local_branch_loop(self, x: torch.Tensor, networks: Sequence[nn.Module]) -> torch.Tensor:
         """Reference path: the local networks one by one (``networks`` from :meth:`unpacked_local_networks`)."""
         cubes = split_into_cubes(x, self.local_splits).chunk(self.num_local, dim=1)
-        outputs = [net(cube) for net, cube in zip(networks, cubes)]
+        outputs = [net(cube.contiguous()) for net, cube in zip(networks, cubes)]
         return stitch_cubes(torch.cat(outputs, dim=1), self.local_splits)
 
     def unpacked_local_networks(self) -> List[ULKASubNet]:

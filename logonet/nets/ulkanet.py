@@ -10,7 +10,7 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-from .layers import ChannelLayerNorm, ConvModule, Upsample, conv_pair, pack_channels
+from .layers import ChannelLayerNorm, ConvModule, PackedConv3d, Upsample, conv_pair, pack_channels
 from .lka import LKABlock
 
 
@@ -36,7 +36,7 @@ class ULKAStage(nn.Module):
         super().__init__()
         kernel, stride = (7, 4) if first else (3, 2)
         self.embed = nn.Sequential(
-            nn.Conv3d(groups * in_dim, groups * dim, kernel, stride=stride, padding=kernel // 2, groups=groups),
+            PackedConv3d(groups * in_dim, groups * dim, kernel, stride=stride, padding=kernel // 2, groups=groups),
             nn.BatchNorm3d(groups * dim),
         )
         self.blocks = nn.Sequential(*[LKABlock(dim, mlp_ratio, groups) for _ in range(depth)])
