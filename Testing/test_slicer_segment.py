@@ -1,7 +1,8 @@
 """LoGoNetSegment's logic against a real MRML scene (slicer-core), with a fake ``logonet`` worker process.
 
 The fake worker (LoGoNetSegment/Testing/Python/fake_logonet.py) speaks the real CLI and progress protocol, so
-these tests check the Slicer side alone and fast; test_slicer_e2e.py runs the real CLI.
+most tests here check the Slicer side alone and fast; test_demo_model_on_sample_ct_end_to_end runs the real
+``python -m logonet segment`` with the bundled demo model on the sample CT.
 """
 from __future__ import annotations
 
@@ -243,3 +244,74 @@ def test_installer_is_asked_before_launch(logic_env):
     logic.ask = lambda question: True
     task = logic.process(volume, model=str(card), waitForCompletion=True)
     assert pip_calls == ['"monai>=1.3" --no-deps'] and task.state == "succeeded"
+
+
+# ------------------------------------------------------------------------------------------ real CLI
+@pytest.mark.slow
+def test_demo_model_on_sample_ct_end_to_end(mrml, sample_ct, tmp_path):  # noqa: F811
+    """The sample CT loaded into the scene -> the real ``python -m logonet segment --model demo --fast`` through
+    the Segment logic: segments named and coloured per the demo card, exported labelmap values equal the model's
+    label values (voxel for voxel the worker's own output), geometry equal to the input, placed in its study."""
+    pytest.importorskip("torch")
+    import json
+
+    import SimpleITK as sitk
+    import vtk
+
+    from LoGoNetLib import scene as sc
+    from LoGoNetLib.catalog import ModelCatalog
+    from LoGoNetLib.core import resources_dir
+    from LoGoNetLib.segmentlogic import SegmentLogic
+
+    card = json.loads((resources_dir() / "Models" / "demo" / "model.json").read_text())
+    labels = card["labels"]
+    volume = mrml.logics["Volumes"].AddArchetypeVolume(sample_ct["ct"], "example_ct", 0, vtk.vtkStringArray())
+    assert volume is not None
+    study = put_in_study(mrml.scene, volume)
+    temp_root = tmp_path / "tmp"
+    temp_root.mkdir()
+    # the real `python -m logonet` and the bundled catalog (ModelCatalog.json -> Models/demo); keep the worker's
+    # result file to compare the export with it
+    logic = SegmentLogic(catalog=ModelCatalog(home=tmp_path / "home"), temp_root=str(temp_root), keep_temp=True)
+    log = []
+    task = logic.process(volume, model="demo", device="cpu", fast=True, waitForCompletion=True,
+                         logCallback=log.append)
+    assert task.state == "succeeded", "\n".join(log[-20:])
+    assert any(" -m logonet segment " in line and "--fast" in line for line in log)
+    seg = task.segmentation
+
+    # segments named, coloured and coded per the model card, in label order, with the card's label values
+    segmentation = seg.GetSegmentation()
+    segments = [segmentation.GetNthSegment(i) for i in range(segmentation.GetNumberOfSegments())]
+    assert [s.GetName() for s in segments] == [label["name"] for label in labels]
+    for segment, label in zip(segments, labels):
+        assert np.allclose(segment.GetColor(), [c / 255 for c in label["color"]], atol=1e-6), label["name"]
+        assert segment.GetLabelValue() == label["value"]
+        assert label["terminology"]["type"][1] in segment.GetTerminology(), label["name"]
+
+    # exported labelmap: the model's label values, voxel for voxel what the worker wrote
+    exported_path = logic.export_labelmap(seg, volume, tmp_path / "export.nii.gz")
+    exported_image = sitk.ReadImage(str(exported_path))
+    exported = sitk.GetArrayFromImage(exported_image)
+    worker = sitk.GetArrayFromImage(sitk.ReadImage(str(task.temp_dir / "result.nrrd")))
+    assert np.array_equal(exported, worker)
+    values = set(np.unique(exported).tolist())
+    assert values <= {0} | {label["value"] for label in labels}
+    liver = next(label["value"] for label in labels if label["name"] == "liver")
+    assert np.count_nonzero(exported == liver) > 0  # a sane model finds the liver; no accuracy claim here
+    assert dict((name, ml) for name, _, ml in task.volumes_ml)["liver"] > 0
+
+    # geometry equal to the input: the export on disk and the segmentation's reference geometry
+    ct = sitk.ReadImage(sample_ct["ct"])
+    assert exported_image.GetSize() == ct.GetSize()
+    assert np.allclose(exported_image.GetSpacing(), ct.GetSpacing(), atol=1e-4)
+    assert np.allclose(exported_image.GetOrigin(), ct.GetOrigin(), atol=1e-3)
+    assert np.allclose(exported_image.GetDirection(), ct.GetDirection(), atol=1e-6)
+    assert seg.GetNodeReference(seg.GetReferenceImageGeometryReferenceRole()) is volume
+    label_node = sc.export_labelmap_node(seg, volume)
+    assert sc.same_geometry(label_node, volume)
+    sc.remove_nodes([label_node])
+
+    # placed in the input's study
+    sh = mrml.slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(mrml.scene)
+    assert sh.GetItemParent(sh.GetItemByDataNode(seg)) == study

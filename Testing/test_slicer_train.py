@@ -5,6 +5,7 @@ the model appears in LoGoNetSegment's catalog).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -74,6 +75,34 @@ def test_fake_stop_leaves_checkpoint_and_resume_continues(train_env, tmp_path, m
     resumed = logic.start(settings, waitForCompletion=True)
     assert resumed.state == "succeeded"
     assert resumed.history[0]["step"] == stopped_at + 1
+
+
+# A worker that counts the SIGINTs it gets: Stop must send exactly one, since the real trainer takes a second
+# SIGINT as "abort now" (Ctrl-C twice) instead of "save a checkpoint and stop".
+SIGINT_COUNTER = r"""
+import json, signal, sys, time
+received = []
+signal.signal(signal.SIGINT, lambda *args: received.append(1))
+print(json.dumps({"event": "start"}), flush=True)
+while not received:
+    time.sleep(0.01)
+time.sleep(0.5)
+print(json.dumps({"event": "warning", "message": "sigints=%d" % len(received)}), flush=True)
+sys.exit(130)
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGINT to a process group")
+def test_stop_sends_exactly_one_sigint():
+    from LoGoNetLib.process import BackgroundProcess
+
+    process = BackgroundProcess([sys.executable, "-c", SIGINT_COUNTER]).start()
+    deadline = time.monotonic() + 30
+    while process.poll() and not process.events and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.stop(grace_s=30)
+    assert process.wait(timeout=30) == "stopped"
+    assert process.events[-1]["message"] == "sigints=1"
 
 
 def test_problems_are_reported_all_at_once(train_env, tmp_path):

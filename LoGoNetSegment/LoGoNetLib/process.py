@@ -37,19 +37,34 @@ def _children(pid: int) -> List:
         return []
 
 
+def _in_group(pid: int, group: int) -> bool:
+    try:
+        return os.getpgid(pid) == group
+    except OSError:  # gone already
+        return True
+
+
 def kill_tree(process: "subprocess.Popen", sig: Optional[int] = None) -> None:
-    """Send ``sig`` (default: kill) to the process and all its descendants (the launcher is only the parent)."""
+    """Send ``sig`` (default: kill) once to the process and each of its descendants (the launcher is only the
+    parent).
+
+    Once only matters for SIGINT: the trainer takes a first SIGINT as "checkpoint and stop" and a second one as
+    "abort now" (Ctrl-C twice), so a signal sent to the process group must not be sent again to its members.
+    """
     if process.poll() is not None and not _children(process.pid):
         return
     kids = _children(process.pid)
     if sig is None:
         sig = signal.SIGKILL if hasattr(signal, "SIGKILL") else signal.SIGTERM
+    targets = kids + [process]
     if os.name == "posix":
         try:
             os.killpg(process.pid, sig)  # started with start_new_session: its group is the whole tree
+            # only the descendants that left the group (a new session of their own) still need the signal
+            targets = [child for child in kids if not _in_group(child.pid, process.pid)]
         except (ProcessLookupError, PermissionError):
             pass
-    for child in kids + [process]:
+    for child in targets:
         try:
             if child is process:
                 process.send_signal(sig)

@@ -170,6 +170,8 @@ def import_labelmap(label_node, segmentation_node, labels: Sequence[Mapping], co
         segment.SetLabelValue(int(label["value"]))
         set_segment_terminology(segment, terminology_string(label.get("terminology")))
         ids.append(segment_id)
+    for index, segment_id in enumerate(ids):  # the card's order, also for organs the model did not find
+        segmentation.SetSegmentIndex(segment_id, index)
     return ids
 
 

@@ -19,8 +19,9 @@ class PackedConv3d(nn.Conv3d):
     """A grouped Conv3d over packed networks that stays on oneDNN's fast path on the CPU.
 
     oneDNN's grouped 3-D convolution is fast when each group's input and output channels are multiples of 8,
-    and up to 10x slower otherwise (1 -> 32 on the raw image, 96 -> 14 classes in the heads). On the CPU we
-    therefore zero-pad each group's channels to a multiple of 8 for the call and drop the padded outputs:
+    and up to 10x slower otherwise (e.g. 96 -> 14 classes in the heads). On the CPU we therefore zero-pad
+    each group's channels to a multiple of 8 for the call (except a single input channel, which is faster
+    as it is) and drop the padded outputs:
     the zero weights add exact zeros, so the result is the same maths; parameters keep their plain shape.
     """
 
@@ -31,7 +32,9 @@ class PackedConv3d(nn.Conv3d):
         cin, cout = self.in_channels // groups, self.out_channels // groups
         if groups == 1 or x.device.type != "cpu" or (cin % self.ALIGN == 0 and cout % self.ALIGN == 0):
             return super().forward(x)
-        cin_p, cout_p = -(-cin // self.ALIGN) * self.ALIGN, -(-cout // self.ALIGN) * self.ALIGN
+        # One input channel per group (the raw image) is cheaper unpadded: padding would multiply its work by 8.
+        cin_p = cin if cin == 1 else -(-cin // self.ALIGN) * self.ALIGN
+        cout_p = -(-cout // self.ALIGN) * self.ALIGN
         batch, spatial, kernel = x.shape[0], x.shape[2:], self.weight.shape[2:]
         weight = F.pad(self.weight.reshape(groups, cout, cin, *kernel), (0, 0) * 3 + (0, cin_p - cin, 0, cout_p - cout))
         bias = None
