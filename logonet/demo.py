@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     from .data.sample import fetch_sample
     from .evaluate import evaluate_files, format_table, mean_row, write_csv
     from .infer import Predictor
-    from .train.finetune import reporter_for
+    from .events import reporter_for
 
     if args.bundle:
         print(f"demo model card written to {bundle(args.bundle)}")

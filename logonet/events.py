@@ -114,3 +114,10 @@ def parse_event_line(line: str) -> Optional[Dict[str, Any]]:
     if not isinstance(record, dict) or "event" not in record:
         return None
     return record
+
+
+def reporter_for(mode: Optional[str]) -> ProgressReporter:
+    """``--progress`` -> reporter; default: tqdm on a terminal, log lines otherwise."""
+    if mode is None:
+        mode = "tqdm" if sys.stderr.isatty() else "none"
+    return ProgressReporter(mode)

@@ -317,7 +317,7 @@ def plan_jobs(input_path: Path, output_path: Path) -> List[Tuple[Path, Path]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .train.finetune import reporter_for
+    from .events import reporter_for
 
     reporter = reporter_for(args.progress)
     t0 = time.perf_counter()

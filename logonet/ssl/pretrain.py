@@ -30,10 +30,9 @@ from torch import nn
 
 from .. import modelcard
 from ..errors import UserError
-from ..events import ProgressReporter
+from ..events import ProgressReporter, reporter_for
 from ..nets.pretrain_head import PretrainHead
 from ..train import engine as eng
-from ..train.finetune import _Repeat, _dataset, _triple, reporter_for
 from .loss import masked_cluster_loss
 from .masking import PAPER_PATCH_SIZES, MaskingConfig, mask_crop
 from .pseudolabels import ClusterSettings, PseudoLabeler, fit_pseudolabels
@@ -233,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {args.epochs}")
-    roi = tuple(int(r) for r in _triple(args.roi, "roi", [DEFAULT_ROI]))
+    roi = tuple(int(r) for r in eng.triple_argument(args.roi, "roi", [DEFAULT_ROI]))
     if any(r % 32 for r in roi):
         raise UserError(f"--roi {roi}: every side must be a multiple of 32 (the networks downsample 32x)")
     if args.features < 1 or args.tau <= 0:
@@ -244,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
     masking = MaskingConfig(phi1=args.phi1, chain=args.chain, phi2=args.phi2, slice_axis=args.slice_axis,
                             patch_sizes=PAPER_PATCH_SIZES)
     defaults = PreprocessConfig.preset("ssl")
-    cfg = PreprocessConfig.preset("ssl", spacing=_triple(args.spacing, "spacing", defaults.spacing),
+    cfg = PreprocessConfig.preset("ssl", spacing=eng.triple_argument(args.spacing, "spacing", defaults.spacing),
                                   intensity_window=tuple(args.window), roi_size=roi, num_samples=args.samples)
     preprocessing = {k: v for k, v in cfg.to_dict().items() if k != "cache_dir"}
     settings = ClusterSettings(clusterers=args.clusterers, k_min=args.k_min, k_max=args.k_max,
@@ -284,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
         items = [{"image": path} for path in volumes]
         transform = train_transforms(cfg, keys=("image",))
         transform.set_random_state(seed=args.seed + dist.rank)  # MONAI's random crops: repeatable for a seed
-        dataset = _Repeat(_dataset(items, transform, args.cache, out / "cache", args.workers), args.repeats)
+        dataset = eng.RepeatDataset(eng.training_dataset(items, transform, args.cache, out / "cache", args.workers), args.repeats)
         loader = eng.make_loader(dataset, batch_size=args.batch, shuffle=True, dist=dist, seed=args.seed,
                                  num_workers=args.workers, collate_fn=list_data_collate)
         reporter.emit("stage", stage="pretrain", volumes=len(volumes), clusterers=labeler.num_clusterers,

@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -119,6 +119,17 @@ def setup_distributed(device: str = "auto") -> DistContext:
     return DistContext(rank=rank, local_rank=local_rank, world_size=world_size, device=dev, backend=backend)
 
 
+def triple_argument(values: Optional[Sequence[float]], name: str, default: Sequence[float]) -> Tuple[float, float, float]:
+    """``--name`` given as 1 or 3 numbers (or not at all) -> three floats."""
+    if values is None:
+        return tuple(float(v) for v in default)  # type: ignore[return-value]
+    if len(values) == 1:
+        values = list(values) * 3
+    if len(values) != 3:
+        raise UserError(f"--{name} takes 1 or 3 numbers, got {len(values)}")
+    return tuple(float(v) for v in values)  # type: ignore[return-value]
+
+
 def check_output_folder(out: Union[str, Path], resume: bool, what: str = "training run") -> Path:
     """Refuse to start a fresh run over an existing one (it would overwrite its checkpoint); ``--resume`` continues."""
     out = Path(out)
@@ -169,6 +180,30 @@ def make_loader(dataset: Any, batch_size: int, *, shuffle: bool = True, dist: Op
 # ----------------------------------------------------------------------------------------------------------
 # AMP and schedule
 # ----------------------------------------------------------------------------------------------------------
+class RepeatDataset(torch.utils.data.Dataset):
+    """``times`` passes over ``dataset`` per epoch (one-scan datasets would otherwise be one step per epoch)."""
+
+    def __init__(self, dataset: Any, times: int) -> None:
+        self.dataset, self.times = dataset, max(1, int(times))
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.times
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index % len(self.dataset)]
+
+
+def training_dataset(items: List[Dict[str, Any]], transform: Any, cache: str, cache_dir: Path, workers: int) -> Any:
+    """The cached training dataset: ``cache`` is memory (MONAI CacheDataset), disk (persistent) or none."""
+    from monai.data import CacheDataset
+
+    from ..data.transforms import cached_dataset
+
+    if cache == "memory":
+        return CacheDataset(items, transform=transform, cache_rate=1.0, num_workers=max(1, workers), progress=False)
+    return cached_dataset(items, transform, str(cache_dir) if cache == "disk" else None)
+
+
 def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
     """Autocast dtype for ``amp`` in auto|bf16|fp16|off.
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import shlex
 import sys
@@ -22,7 +21,7 @@ import torch
 
 from .. import modelcard
 from ..errors import UserError
-from ..events import ProgressReporter
+from ..events import ProgressReporter, reporter_for
 from . import engine as eng
 
 DEFAULT_ROI = 96
@@ -69,23 +68,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fp16-weights", action="store_true", help="store the model cards' weights in fp16")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--progress", default=None, choices=["jsonl", "tqdm", "none"])
-
-
-def _triple(values: Optional[Sequence[float]], name: str, default: Sequence[float]) -> Tuple[float, float, float]:
-    if values is None:
-        return tuple(float(v) for v in default)  # type: ignore[return-value]
-    if len(values) == 1:
-        values = list(values) * 3
-    if len(values) != 3:
-        raise UserError(f"--{name} takes 1 or 3 numbers, got {len(values)}")
-    return tuple(float(v) for v in values)  # type: ignore[return-value]
-
-
-def reporter_for(mode: Optional[str]) -> ProgressReporter:
-    """``--progress`` -> reporter; default: tqdm on a terminal, log lines otherwise."""
-    if mode is None:
-        mode = "tqdm" if sys.stderr.isatty() else "none"
-    return ProgressReporter(mode)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -145,29 +127,6 @@ def build_transforms(cfg: Any, values: Sequence[int]) -> Tuple[Any, Any]:
         return train_transforms(cfg), val_transforms(cfg)
     remap = MapLabelValued(keys="label", orig_labels=list(channel_of), target_labels=list(channel_of.values()))
     return Compose([train_transforms(cfg), remap]), Compose([val_transforms(cfg), remap])
-
-
-class _Repeat(torch.utils.data.Dataset):
-    """``times`` passes over ``dataset`` per epoch (one-scan datasets would otherwise be one step per epoch)."""
-
-    def __init__(self, dataset: Any, times: int) -> None:
-        self.dataset, self.times = dataset, max(1, int(times))
-
-    def __len__(self) -> int:
-        return len(self.dataset) * self.times
-
-    def __getitem__(self, index: int) -> Any:
-        return self.dataset[index % len(self.dataset)]
-
-
-def _dataset(items: List[Dict[str, Any]], transform: Any, cache: str, cache_dir: Path, workers: int) -> Any:
-    from monai.data import CacheDataset
-
-    from ..data.transforms import cached_dataset
-
-    if cache == "memory":
-        return CacheDataset(items, transform=transform, cache_rate=1.0, num_workers=max(1, workers), progress=False)
-    return cached_dataset(items, transform, str(cache_dir) if cache == "disk" else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -242,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
 
     defaults = PreprocessConfig()
     cfg = PreprocessConfig(
-        spacing=_triple(args.spacing, "spacing", defaults.spacing),
+        spacing=eng.triple_argument(args.spacing, "spacing", defaults.spacing),
         intensity_window=tuple(args.window) if args.window else defaults.intensity_window,
         roi_size=roi, num_samples=args.samples, cache_dir=None,
         **({"flip_prob": 0.0, "rot90_prob": 0.0, "intensity_prob": 0.0} if args.no_augment else {}))
@@ -255,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
         reporter.emit("stage", stage="data", train_cases=len(train_cases), val_cases=len(val_cases),
                       classes=n_classes)
         train_tf, val_tf = build_transforms(cfg, values)
-        train_ds = _Repeat(_dataset(train_cases, train_tf, args.cache, out / "cache", args.workers), args.repeats)
+        train_ds = eng.RepeatDataset(eng.training_dataset(train_cases, train_tf, args.cache, out / "cache", args.workers), args.repeats)
         loader = eng.make_loader(train_ds, batch_size=args.batch, shuffle=True, dist=dist, seed=args.seed,
                                  num_workers=args.workers, collate_fn=list_data_collate)
         val_items: List[Dict[str, Any]] = []
