@@ -315,3 +315,27 @@ def test_demo_model_on_sample_ct_end_to_end(mrml, sample_ct, tmp_path):  # noqa:
     # placed in the input's study
     sh = mrml.slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(mrml.scene)
     assert sh.GetItemParent(sh.GetItemByDataNode(seg)) == study
+
+
+def test_corrupt_weights_real_worker_readable_error_and_no_node(logic_env, tmp_path):
+    """The real ``python -m logonet segment`` refuses a card whose weights are damaged: the user gets its one-line
+    reason (no traceback) and the scene is unchanged."""
+    pytest.importorskip("torch")
+    import shutil
+
+    from LoGoNetLib.core import resources_dir
+    from LoGoNetLib.segmentlogic import LoGoNetError
+
+    mrml, logic, card, volume, _, temp_root = logic_env
+    broken = tmp_path / "broken-demo"
+    broken.mkdir()
+    shutil.copy(resources_dir() / "Models" / "demo" / "model.json", broken / "model.json")
+    (broken / "weights.safetensors").write_bytes(b"\0" * 64)  # the catalog only sees that the file exists
+    logic.command_prefix = None  # the real `python -m logonet`
+    before = scene_node_ids(mrml.scene)
+    with pytest.raises(LoGoNetError) as raised:
+        logic.process(volume, model=str(broken), device="cpu", waitForCompletion=True)
+    message = str(raised.value)
+    assert "weights.safetensors" in message and "Traceback" not in message and "\n" not in message
+    assert scene_node_ids(mrml.scene) == before
+    assert list(temp_root.iterdir()) == []

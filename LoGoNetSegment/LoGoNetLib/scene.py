@@ -133,7 +133,7 @@ def import_labelmap(label_node, segmentation_node, labels: Sequence[Mapping], co
 
     Segments keep the label value as their label value; labels the model did not find become empty segments
     (so an annotator can paint a missed organ with the right name and export keeps its value).
-    Returns the segment ids in label order.
+    Returns the segment ids in label order, which is also the order of the segments in the segmentation.
     """
     scene = _scene(segmentation_node)
     temp = None
