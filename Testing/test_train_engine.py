@@ -192,3 +192,12 @@ def test_load_matching_skips_head_and_mismatches():
     with pytest.raises(UserError, match="shares no tensor"):
         load_matching(nn.Conv3d(1, 1, 1), state, "src")
     assert math.isfinite(report.total)
+
+
+def test_single_value_batch_norm_is_a_user_error(tmp_path):
+    """One crop per step with a 1-voxel bottleneck: a message that says what to change, not a BN traceback."""
+    loader = eng.make_loader(_data(1), batch_size=1, shuffle=False)
+    engine = eng.Engine(Toy(), eng.TrainConfig(epochs=1), tmp_path, step_fn=_step, train_loader=loader,
+                        reporter=ProgressReporter("none"), dist=eng.DistContext(device=torch.device("cpu")))
+    with pytest.raises(UserError, match="--samples 2"):
+        engine.fit()

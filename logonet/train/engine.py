@@ -545,10 +545,18 @@ class Engine:
         stopped = False
         desc = f"epoch {epoch + 1}/{self.config.epochs}"
         n_batches = len(self.train_loader)
-        for index, batch in enumerate( self.reporter.iterate(self.train_loader, total=n_batches, desc=desc)):
+        for index, batch in enumerate(self.reporter.iterate(self.train_loader, total=n_batches, desc=desc)):
             self.optimizer.zero_grad(set_to_none=True)
-            with autocast(self.device, self.amp_dtype):
-                out = self.step_fn(self.train_model, batch, self.device)
+            try:
+                with autocast(self.device, self.amp_dtype):
+                    out = self.step_fn(self.train_model, batch, self.device)
+            except ValueError as error:
+                if "more than 1 value per channel" not in str(error):
+                    raise
+                # BatchNorm saw one value per channel: one crop whose deepest feature map is 1 voxel.
+                raise UserError("a training step holds one crop and the network's deepest feature map is a "
+                                "single voxel, so batch normalisation cannot train; use more crops per step "
+                                "(--samples 2 or --batch 2) or a larger --roi") from error
             loss, extra = out if isinstance(out, tuple) else (out, {})
             if not torch.isfinite(loss.detach()).all() and not self.scaler.is_enabled():
                 # A NaN step would poison the weights; skip it and say so (fp16 lets the scaler deal with it).
