@@ -108,3 +108,18 @@ def test_any_multiple_of_32_works_and_other_sizes_are_refused() -> None:
     unetr = build_model("unetr", out_channels=2, **SMALL_KWARGS["unetr"])
     with pytest.raises(ValueError, match="img_size"):
         unetr(torch.randn(1, 1, 64, 64, 96))
+
+
+@pytest.mark.parametrize("cin, cout", [(1, 32), (6, 14), (96, 3)])
+def test_packed_conv_pads_for_speed_but_computes_and_counts_the_plain_conv(cin: int, cout: int) -> None:
+    from logonet.nets.complexity import count_macs
+    from logonet.nets.layers import PackedConv3d
+
+    torch.manual_seed(0)
+    conv = PackedConv3d(8 * cin, 8 * cout, 3, padding=1, groups=8)
+    x = torch.randn(2, 8 * cin, 6, 5, 4)
+    plain = torch.nn.functional.conv3d(x, conv.weight, conv.bias, padding=1, groups=8)
+    with torch.no_grad():
+        assert (conv(x) - plain).abs().max().item() < 1e-5
+    # fvcore traces the module: the count is the real maths (8 groups x cout x cin x 27 per voxel), no padding.
+    assert count_macs(conv, size=4, in_channels=8 * cin) == 4 ** 3 * 8 * cout * cin * 27

@@ -30,7 +30,9 @@ class PackedConv3d(nn.Conv3d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         groups = self.groups
         cin, cout = self.in_channels // groups, self.out_channels // groups
-        if groups == 1 or x.device.type != "cpu" or (cin % self.ALIGN == 0 and cout % self.ALIGN == 0):
+        aligned = cin % self.ALIGN == 0 and cout % self.ALIGN == 0
+        # Traced (fvcore's counter, exports): the plain conv, so counts show the maths, not the padding.
+        if groups == 1 or x.device.type != "cpu" or aligned or torch.jit.is_tracing():
             return super().forward(x)
         # One input channel per group (the raw image) is cheaper unpadded: padding would multiply its work by 8.
         cin_p = cin if cin == 1 else -(-cin // self.ALIGN) * self.ALIGN
