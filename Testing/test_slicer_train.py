@@ -93,9 +93,17 @@ sys.exit(130)
 
 
 @pytest.mark.skipif(os.name != "posix", reason="SIGINT to a process group")
-def test_stop_sends_exactly_one_sigint():
+@pytest.mark.parametrize("process_scan_fails", [False, True])
+def test_stop_sends_exactly_one_sigint(monkeypatch, process_scan_fails):
     from LoGoNetLib.process import BackgroundProcess
 
+    if process_scan_fails:  # psutil racing with processes that exit while it reads /proc
+        psutil = pytest.importorskip("psutil")
+
+        def scan_fails(self, recursive=False):
+            raise IndexError("list index out of range")
+
+        monkeypatch.setattr(psutil.Process, "children", scan_fails)
     process = BackgroundProcess([sys.executable, "-c", SIGINT_COUNTER]).start()
     deadline = time.monotonic() + 30
     while process.poll() and not process.events and time.monotonic() < deadline:

@@ -33,7 +33,9 @@ def _children(pid: int) -> List:
         return []
     try:
         return psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
+    except (psutil.Error, OSError, IndexError, ValueError):
+        # psutil scans every /proc/<pid>/stat: a process that exits during the scan (the worker itself while it
+        # stops, or anyone else's) can surface as a parse error. The process-group signal still reaches the tree.
         return []
 
 
