@@ -232,14 +232,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {args.epochs}")
-    roi = tuple(int(r) for r in eng.triple_argument(args.roi, "roi", [DEFAULT_ROI]))
-    if any(r % 32 for r in roi):
-        raise UserError(f"--roi {roi}: every side must be a multiple of 32 (the networks downsample 32x)")
+    roi = eng.roi_argument(args.roi, DEFAULT_ROI)
     if args.features < 1 or args.tau <= 0:
         raise UserError(f"--features must be positive and --tau > 0, got {args.features}, {args.tau}")
-    if (out / eng.CHECKPOINT_NAME).exists() and not args.resume:
-        raise UserError(f"{out} already holds a pre-training run (checkpoint.pt); use --resume to continue it "
-                        "or choose another --out")
+    eng.check_output_folder(out, args.resume, "pre-training run")
     masking = MaskingConfig(phi1=args.phi1, chain=args.chain, phi2=args.phi2, slice_axis=args.slice_axis,
                             patch_sizes=PAPER_PATCH_SIZES)
     defaults = PreprocessConfig.preset("ssl")
@@ -283,7 +279,8 @@ def run(args: argparse.Namespace) -> int:
         items = [{"image": path} for path in volumes]
         transform = train_transforms(cfg, keys=("image",))
         transform.set_random_state(seed=args.seed + dist.rank)  # MONAI's random crops: repeatable for a seed
-        dataset = eng.RepeatDataset(eng.training_dataset(items, transform, args.cache, out / "cache", args.workers), args.repeats)
+        dataset = eng.RepeatDataset(eng.training_dataset(items, transform, args.cache, out / "cache", args.workers),
+                                    args.repeats)
         loader = eng.make_loader(dataset, batch_size=args.batch, shuffle=True, dist=dist, seed=args.seed,
                                  num_workers=args.workers, collate_fn=list_data_collate)
         reporter.emit("stage", stage="pretrain", volumes=len(volumes), clusterers=labeler.num_clusterers,

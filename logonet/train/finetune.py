@@ -214,7 +214,8 @@ def run(args: argparse.Namespace) -> int:
         reporter.emit("stage", stage="data", train_cases=len(train_cases), val_cases=len(val_cases),
                       classes=n_classes)
         train_tf, val_tf = build_transforms(cfg, values)
-        train_ds = eng.RepeatDataset(eng.training_dataset(train_cases, train_tf, args.cache, out / "cache", args.workers), args.repeats)
+        cached = eng.training_dataset(train_cases, train_tf, args.cache, out / "cache", args.workers)
+        train_ds = eng.RepeatDataset(cached, args.repeats)
         loader = eng.make_loader(train_ds, batch_size=args.batch, shuffle=True, dist=dist, seed=args.seed,
                                  num_workers=args.workers, collate_fn=list_data_collate)
         val_items: List[Dict[str, Any]] = []
