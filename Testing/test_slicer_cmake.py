@@ -37,7 +37,7 @@ def repo_files(folder: Path) -> List[str]:
 
 def cmake_sets(path: Path) -> Dict[str, List[str]]:
     """``set(NAME a b c)`` blocks of a CMakeLists.txt (comments removed), values with ``${MODULE_NAME}`` expanded."""
-    text = re.sub(r"(^|\s)#[^\n]*", r"\1", path.read_text())
+    text = re.sub(r"(^|\s)#[^\n]*", r"\1", path.read_text(encoding="utf-8"))
     sets: Dict[str, List[str]] = {}
     token = r'"[^"]*"|[^\s()"]+'
     for name, body in re.findall(rf"\bset\(\s*(\w+)((?:\s+(?:{token}))*)\s*\)", text, flags=re.IGNORECASE):
@@ -97,12 +97,12 @@ def test_lib_exists_once_and_train_reuses_it():
     """One LoGoNetLib (in LoGoNetSegment), imported by LoGoNetTrain: never two copies."""
     libs = [p for p in REPO.rglob("LoGoNetLib") if p.is_dir() and ".venv" not in p.parts]
     assert libs == [REPO / "LoGoNetSegment" / "LoGoNetLib"]
-    train = (REPO / "LoGoNetTrain" / "LoGoNetTrain.py").read_text()
+    train = (REPO / "LoGoNetTrain" / "LoGoNetTrain.py").read_text(encoding="utf-8")
     assert "from LoGoNetLib" in train and "LoGoNetSegment" in train
 
 
 def test_extension_metadata_and_modules():
-    text = (REPO / "CMakeLists.txt").read_text()
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     sets = cmake_sets(REPO / "CMakeLists.txt")
     assert sets["EXTENSION_CATEGORY"] == ["Segmentation"]
     assert sets["EXTENSION_DEPENDS"] == ["PyTorch"]
@@ -110,11 +110,11 @@ def test_extension_metadata_and_modules():
         assert sets.get(key), key
     for module in MODULES:
         assert f"add_subdirectory({module})" in text
-        module_text = (REPO / module / "CMakeLists.txt").read_text()
+        module_text = (REPO / module / "CMakeLists.txt").read_text(encoding="utf-8")
         assert "WITH_GENERIC_TESTS" in module_text
         assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in module_text
         assert re.search(rf"class {module}Test\(ScriptedLoadableModuleTest\)",
-                         (REPO / module / f"{module}.py").read_text()), "the module needs its self-test"
+                         (REPO / module / f"{module}.py").read_text(encoding="utf-8")), "the module needs its self-test"
     assert (REPO / "Resources" / "Icons" / "LoGoNet.png").is_file()
     assert sets["EXTENSION_ICONURL"][0].endswith("Resources/Icons/LoGoNet.png")
 

@@ -263,7 +263,7 @@ def test_demo_model_on_sample_ct_end_to_end(mrml, sample_ct, tmp_path):  # noqa:
     from LoGoNetLib.core import resources_dir
     from LoGoNetLib.segmentlogic import SegmentLogic
 
-    card = json.loads((resources_dir() / "Models" / "demo" / "model.json").read_text())
+    card = json.loads((resources_dir() / "Models" / "demo" / "model.json").read_text(encoding="utf-8"))
     labels = card["labels"]
     volume = mrml.logics["Volumes"].AddArchetypeVolume(sample_ct["ct"], "example_ct", 0, vtk.vtkStringArray())
     assert volume is not None

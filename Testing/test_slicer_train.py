@@ -68,7 +68,7 @@ def test_fake_stop_leaves_checkpoint_and_resume_continues(train_env, tmp_path, m
     logic.stop(grace_s=30)
     assert task.wait(timeout=60) == "stopped"
     assert task.checkpoint and Path(task.checkpoint).is_file()
-    stopped_at = json.loads(Path(task.checkpoint).read_text())["epoch"]
+    stopped_at = json.loads(Path(task.checkpoint).read_text(encoding="utf-8"))["epoch"]
     assert 1 <= stopped_at < 50 and task.model_entry is None and catalog.models() == []
     monkeypatch.setenv("FAKE_LOGONET_DELAY", "0")
     settings.resume = True
@@ -187,7 +187,7 @@ def test_add_to_training_set_writes_stable_nnunet_pairs(train_env, tmp_path):
     mrml.slicer.util.updateSegmentBinaryLabelmapFromArray(
         mask, seg2, seg2.GetSegmentation().GetSegmentIdBySegmentName("tumor"), volume2)
     second = TrainLogic.add_to_training_set(volume2, seg2, dataset, case_id="case 1")  # name clash -> new id
-    meta = json.loads((dataset / "dataset.json").read_text())
+    meta = json.loads((dataset / "dataset.json").read_text(encoding="utf-8"))
     assert meta["labels"] == {"background": 0, "left kidney": 3, "liver": 6, "tumor": 7}
     assert meta["numTraining"] == 2 and meta["file_ending"] == ".nii.gz" and meta["channel_names"] == {"0": "CT"}
     assert first["image"].name == "case_1_0000.nii.gz" and first["label"].name == "case_1.nii.gz"
@@ -258,7 +258,7 @@ def test_real_finetune_on_cases_added_from_the_scene_stop_resume_catalog(mrml, t
     task = logic.start(settings, waitForCompletion=True, logCallback=log.append)
     assert task.state == "succeeded", task.error_message or "\n".join(log[-20:])
     assert [event["step"] for event in task.history] == list(range(saved + 1, 4))  # continued, nothing redone
-    rows = (run / "metrics.csv").read_text().strip().splitlines()[1:]
+    rows = (run / "metrics.csv").read_text(encoding="utf-8").strip().splitlines()[1:]
     assert [int(float(row.split(",")[0])) for row in rows] == [1, 2, 3]
     entry = task.model_entry
     assert entry is not None and entry.id in [e.id for e in catalog.models()]

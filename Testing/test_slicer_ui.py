@@ -62,7 +62,7 @@ def ui_widgets(path: Path) -> Dict[str, str]:
 
 
 def module_code(module: str) -> str:
-    return (REPO / module / f"{module}.py").read_text()
+    return (REPO / module / f"{module}.py").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("module", MODULES)

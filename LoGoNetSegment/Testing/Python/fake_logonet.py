@@ -38,7 +38,7 @@ def segment(args) -> int:
     import SimpleITK as sitk
 
     try:
-        meta = json.loads((Path(args.model) / "model.json").read_text())
+        meta = json.loads((Path(args.model) / "model.json").read_text(encoding="utf-8"))
         labels = meta["labels"]
     except (OSError, ValueError, KeyError) as error:
         return fail("segment", f"{args.model}/model.json: is not a valid model card ({error})")
@@ -70,7 +70,7 @@ def finetune(args) -> int:
     if args.resume:
         if not checkpoint.is_file():
             return fail("finetune", f"nothing to resume in {out}")
-        start = json.loads(checkpoint.read_text())["epoch"]
+        start = json.loads(checkpoint.read_text(encoding="utf-8"))["epoch"]
         emit("stage", stage="resume", epoch=start, path=str(checkpoint))
     signal.signal(signal.SIGINT, lambda *a: _stop.append(1))
     emit("start", step=start, total=args.epochs, device="cpu")
