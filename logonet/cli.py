@@ -19,7 +19,7 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "segment": ("logonet.infer", "segment a CT (file, DICOM folder, or folder of volumes) with a model card"),
     "finetune": ("logonet.train.finetune", "supervised fine-tuning on a labelled dataset folder"),
     "pretrain": ("logonet.ssl.pretrain", "masked self-supervised pre-training on unlabelled volumes"),
-    "evaluate": ("logonet.evaluate", "per-organ Dice and 95% Hausdorff of a prediction against a reference"),
+    "evaluate": ("logonet.evaluate", "per-organ Dice and 95th-percentile Hausdorff distance of a prediction against a reference"),
     "sample": ("logonet.data.sample", "fetch the sample CTs (offline-safe, via pip) and print where they are"),
     "phantom": ("logonet.data.phantom", "write synthetic abdominal CT phantoms in MSD layout"),
     "bench": ("logonet.bench", "speed, size and accuracy benchmarks against the paper's peers"),
@@ -28,36 +28,35 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser: command names and one-line help only; no command module is imported."""
     parser = argparse.ArgumentParser(prog="logonet", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"logonet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
-        command_parser = sub.add_parser(name, help=help_text, description=help_text)
-        module.configure(command_parser)
-        command_parser.set_defaults(_module=module)
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     return parser
+
+
+def command_parser(name: str) -> Tuple[argparse.ArgumentParser, object]:
+    """``(parser, module)`` for one command, importing only that command's module."""
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"logonet {name}", description=help_text)
+    module.configure(parser)  # type: ignore[attr-defined]
+    return parser, module
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in COMMANDS:
-        # Import only the module the user asked for.
-        name = argv[0]
-        module_name, help_text = COMMANDS[name]
-        module = importlib.import_module(module_name)
-        parser = argparse.ArgumentParser(prog=f"logonet {name}", description=help_text)
-        module.configure(parser)
-        args = parser.parse_args(argv[1:])
-    else:
+    if not argv or argv[0] not in COMMANDS:
         parser = build_parser()
-        args = parser.parse_args(argv)
-        if args.command is None:
-            parser.print_help()
-            return 0
-        module = args._module
+        parser.parse_args(argv)  # --help, --version, or an unknown command (exits with argparse's message)
+        parser.print_help()
+        return 0
+    parser, module = command_parser(argv[0])
+    args = parser.parse_args(argv[1:])
     try:
-        return int(module.run(args) or 0)
+        return int(module.run(args) or 0)  # type: ignore[attr-defined]
     except (UserError, FileNotFoundError, ValueError) as error:
         print(f"logonet {argv[0] if argv else ''}: error: {error}", file=sys.stderr)
         return 2
