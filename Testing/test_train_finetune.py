@@ -149,3 +149,18 @@ def test_torchrun_two_processes_gloo(make_phantom_dataset, tmp_path):
     card.build_model()
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
         ["best", "checkpoint.pt", "last", "metrics.csv", "metrics.png"]
+
+
+def test_remapped_labels_keep_the_deterministic_steps_cacheable(two_organ_data):
+    """Values 1 and 6 become channels 1 and 2, and MONAI's caches still hold every step before the first crop."""
+    from monai.transforms import Randomizable, Transform
+
+    from logonet.data.transforms import PreprocessConfig, train_transforms
+
+    cfg = PreprocessConfig(spacing=(3.0, 3.0, 3.0), roi_size=(32, 32, 32), num_samples=1)
+    train_tf, val_tf = finetune.build_transforms(cfg, [1, 6])
+    first_random = train_tf.get_index_of_first(lambda t: isinstance(t, Randomizable) or not isinstance(t, Transform))
+    plain = train_transforms(cfg)
+    assert first_random == plain.get_index_of_first(lambda t: isinstance(t, Randomizable)) > 0
+    case = finetune.discover_cases(str(two_organ_data))[0][0]
+    assert set(torch.unique(val_tf(dict(case))["label"]).tolist()) == {0, 1, 2}

@@ -126,7 +126,9 @@ def build_transforms(cfg: Any, values: Sequence[int]) -> Tuple[Any, Any]:
     if all(k == v for k, v in channel_of.items()):
         return train_transforms(cfg), val_transforms(cfg)
     remap = MapLabelValued(keys="label", orig_labels=list(channel_of), target_labels=list(channel_of.values()))
-    return Compose([train_transforms(cfg), remap]), Compose([val_transforms(cfg), remap])
+    # Flat pipelines: MONAI's caches stop at the first random transform, and a nested Compose counts as one.
+    return (Compose(list(train_transforms(cfg).transforms) + [remap]),
+            Compose(list(val_transforms(cfg).transforms) + [remap]))
 
 
 # ----------------------------------------------------------------------------------------------------------
