@@ -164,6 +164,7 @@ def test_bad_inputs_clear_error_nothing_written(tmp_path, card, volume, capsys):
         ([src, out, "--model", tmp_path / "missing-model"], "not found"),
         ([src, tmp_path / "seg.txt", "--model", card], "must end in"),
         ([tmp_path / "nothing.nii.gz", out, "--model", card], "does not exist"),
+        ([src, src, "--model", card], "is the input image itself"),
     ]
     for args, message in cases:
         code, _, err = _segment([*args, "--device", "cpu"], capsys)
@@ -185,6 +186,11 @@ def test_bad_inputs_clear_error_nothing_written(tmp_path, card, volume, capsys):
         code, _, err = _segment([src, out, "--model", bad, "--device", "cpu"], capsys)
         assert code == 2 and message in err, err
     assert not out.exists() and not (tmp_path / "out").exists()
+    assert io.read_image(src).GetPixelID() == volume.GetPixelID()  # the CT was not replaced by a labelmap
+    batch = tmp_path / "batch"
+    io.write_image(volume, batch / "a.nii.gz")
+    code, _, err = _segment([batch, batch, "--model", card, "--device", "cpu"], capsys)
+    assert code == 2 and "is the input image itself" in err, err
 
 
 def test_keep_largest_component():

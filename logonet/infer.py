@@ -310,10 +310,14 @@ def plan_jobs(input_path: Path, output_path: Path) -> List[Tuple[Path, Path]]:
             stem = io.strip_volume_suffix(item) if item.is_file() else item.name
             suffix = io.volume_suffix(item) if item.is_file() and io.volume_suffix(item) != ".mhd" else ".nii.gz"
             jobs.append((item, output_path / f"{stem}{suffix}"))
-        return jobs
-    if not io.volume_suffix(output_path):
-        raise UserError(f"OUTPUT {output_path} must end in one of {', '.join(io.VOLUME_SUFFIXES)}")
-    return [(input_path, output_path)]
+    else:
+        if not io.volume_suffix(output_path):
+            raise UserError(f"OUTPUT {output_path} must end in one of {', '.join(io.VOLUME_SUFFIXES)}")
+        jobs = [(input_path, output_path)]
+    for source, target in jobs:
+        if target.resolve() == source.resolve():
+            raise UserError(f"OUTPUT {target} is the input image itself; choose another output path or folder")
+    return jobs
 
 
 def run(args: argparse.Namespace) -> int:
