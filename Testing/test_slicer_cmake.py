@@ -131,3 +131,15 @@ def test_the_checker_catches_an_unlisted_file(monkeypatch):
 def _walk(folder: Path) -> List[str]:
     return [str(p.relative_to(REPO)) for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
 
+
+
+def test_slicer_installer_floors_match_the_package():
+    """The Slicer-side installer asks for exactly the core's runtime requirements and floors (pyproject)."""
+    import tomllib
+
+    import slicer_fixtures  # noqa: F401  (puts LoGoNetSegment/ on sys.path)
+    from LoGoNetLib.install import REQUIREMENTS
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    floors = dict(re.match(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", d).groups() for d in deps)
+    assert {name: floor for name, _, floor in REQUIREMENTS} == floors

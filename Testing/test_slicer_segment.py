@@ -237,13 +237,13 @@ def test_installer_is_asked_before_launch(logic_env):
     logic.installer = installer
     logic.ask = lambda question: questions.append(question) or False
     before = scene_node_ids(mrml.scene)
-    with pytest.raises(LoGoNetError, match="monai>=1.3"):
+    with pytest.raises(LoGoNetError, match="monai>=1.4"):
         logic.process(volume, model=str(card), waitForCompletion=True)
-    assert questions and "monai>=1.3" in questions[0] and pip_calls == []
+    assert questions and "monai>=1.4" in questions[0] and pip_calls == []
     assert scene_node_ids(mrml.scene) == before
     logic.ask = lambda question: True
     task = logic.process(volume, model=str(card), waitForCompletion=True)
-    assert pip_calls == ['"monai>=1.3" --no-deps'] and task.state == "succeeded"
+    assert pip_calls == ['"monai>=1.4" --no-deps'] and task.state == "succeeded"
 
 
 # ------------------------------------------------------------------------------------------ real CLI

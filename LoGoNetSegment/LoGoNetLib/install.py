@@ -15,8 +15,8 @@ from typing import Callable, List, Optional, Tuple
 
 #: (distribution, import name, minimum version). torch first: it comes from the PyTorch extension.
 REQUIREMENTS: Tuple[Tuple[str, str, str], ...] = (
-    ("torch", "torch", "2.1"),
-    ("monai", "monai", "1.3"),
+    ("torch", "torch", "2.3"),
+    ("monai", "monai", "1.4"),
     ("SimpleITK", "SimpleITK", "2.2"),
     ("nibabel", "nibabel", "5.0"),
     ("numpy", "numpy", "1.24"),
@@ -25,6 +25,7 @@ REQUIREMENTS: Tuple[Tuple[str, str, str], ...] = (
     ("safetensors", "safetensors", "0.4"),
     ("einops", "einops", "0.6"),
     ("tqdm", "tqdm", "4.60"),
+    ("matplotlib", "matplotlib", "3.7"),
     ("psutil", "psutil", "5.9"),
 )
 #: Slicer ships these; pip must never replace them (a replaced SimpleITK breaks Slicer's own IO).

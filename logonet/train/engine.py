@@ -632,8 +632,8 @@ class Engine:
                         self.save_fn("best", self.model, epoch, metrics)
                     if self.save_fn is not None:
                         self.save_fn("last", self.model, epoch, metrics)
+                    self.save(epoch)  # first: a failing metrics plot must not cost the checkpoint
                     write_metrics(self.history, self.out_dir)
-                    self.save(epoch)
                     best_key = "best_dice" if self.config.monitor == "dice" else f"best_{self.config.monitor}"
                     self.reporter.emit("epoch", step=epoch, total=epochs, loss=loss, dice=row.get("dice"),
                                        lr=row["lr"], **{best_key: self.best_value},
