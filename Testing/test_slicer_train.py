@@ -206,6 +206,31 @@ def test_add_to_training_set_writes_stable_nnunet_pairs(train_env, tmp_path):
     assert len(index.cases) == 2
 
 
+def test_add_to_msd_folder_lists_the_case_and_keeps_taken_values(train_env, tmp_path):
+    """An MSD folder ({"1": "spleen"} labels, a "training" list) gets the pair listed; a model value that the
+    folder already gives to another name moves to the next free value instead of merging two organs."""
+    import SimpleITK as sitk
+
+    from LoGoNetLib.trainlogic import TrainLogic
+
+    mrml, _, _, _ = train_env
+    dataset = tmp_path / "msd"
+    dataset.mkdir()
+    (dataset / "dataset.json").write_text(json.dumps(
+        {"name": "msd", "labels": {"0": "background", "1": "spleen", "3": "tumor"}, "training": []}))
+    labels = [{"value": 3, "name": "left kidney", "color": [212, 126, 151]},
+              {"value": 6, "name": "liver", "color": [221, 130, 101]}]
+    volume, seg = _scene_case(mrml, labels, 1)
+    added = TrainLogic.add_to_training_set(volume, seg, dataset)  # labels from the color table
+    meta = json.loads((dataset / "dataset.json").read_text(encoding="utf-8"))
+    assert meta["labels"] == {"0": "background", "1": "spleen", "3": "tumor", "4": "left kidney", "6": "liver"}
+    assert meta["training"] == [{"image": "./imagesTr/case_1_0000.nii.gz", "label": "./labelsTr/case_1.nii.gz"}]
+    assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(added["label"]))))) == {0, 4, 6}
+    datasets = pytest.importorskip("logonet.data.datasets")
+    index = datasets.discover(dataset)
+    assert len(index.cases) == 1 and index.label_names == {1: "spleen", 3: "tumor", 4: "left kidney", 6: "liver"}
+
+
 # ------------------------------------------------------------------------------------------ real CLI
 @pytest.mark.slow
 def test_real_finetune_on_cases_added_from_the_scene_stop_resume_catalog(mrml, tmp_path, make_phantom_dataset):  # noqa: F811

@@ -17,6 +17,8 @@ import numpy as np
 import slicer
 import vtk
 
+from .core import ensure_core_importable
+
 #: The attribute that marks a color table made from a model card (reused per model instead of piling up).
 COLOR_TABLE_ATTRIBUTE = "LoGoNet.ModelLabels"
 #: Set on segmentation nodes written by LoGoNetSegment: the model used.
@@ -288,12 +290,17 @@ def add_to_training_set(volume_node, segmentation_node, dataset_dir, case_id: Op
     images, label_dir = dataset_dir / "imagesTr", dataset_dir / "labelsTr"
     meta_path = dataset_dir / "dataset.json"
     meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
-    name_to_value: Dict[str, int] = {str(k): int(v) for k, v in (meta.get("labels") or {}).items()
-                                     if str(k) != "background"}
+    ensure_core_importable()
+    from logonet.data.labels import parse_label_names  # MSD {"1": "liver"} and nnU-Net {"liver": 1}
+
+    name_to_value: Dict[str, int] = {name: value for value, name in
+                                     parse_label_names(meta.get("labels"), meta_path).items()}
     colors: Dict[str, List[int]] = {}
     for label in labels or []:
-        name_to_value.setdefault(str(label["name"]), int(label["value"]))
-        colors[str(label["name"])] = list(label.get("color") or [128, 128, 128])
+        name, value = str(label["name"]), int(label["value"])
+        if name not in name_to_value:  # the model's value, unless the dataset already gave it to another name
+            name_to_value[name] = value if value not in name_to_value.values() else max(name_to_value.values()) + 1
+        colors[name] = list(label.get("color") or [128, 128, 128])
     segmentation = segmentation_node.GetSegmentation()
     for i in range(segmentation.GetNumberOfSegments()):
         segment = segmentation.GetNthSegment(i)
@@ -330,8 +337,16 @@ def add_to_training_set(volume_node, segmentation_node, dataset_dir, case_id: Op
     meta.setdefault("name", dataset_dir.name)
     meta.setdefault("description", "Cases added from 3D Slicer (LoGoNetTrain 'Add to training set')")
     meta["channel_names"] = meta.get("channel_names") or {"0": "CT"}
-    meta["labels"] = {"background": 0, **{n: v for n, v in ordered}}
-    meta["numTraining"] = len([p for p in label_dir.iterdir() if p.name.endswith(".nii.gz")])
+    if all(str(key).isdigit() for key in meta.get("labels") or {"x": 0}):  # keep the folder's own form (MSD)
+        meta["labels"] = {"0": "background", **{str(v): n for n, v in ordered}}
+    else:
+        meta["labels"] = {"background": 0, **{n: v for n, v in ordered}}
+    if isinstance(meta.get("training"), list):  # an MSD folder lists its cases: the new pair must be listed too
+        entry = {"image": f"./imagesTr/{image_path.name}", "label": f"./labelsTr/{label_path.name}"}
+        meta["training"] = [e for e in meta["training"] if e.get("label") != entry["label"]] + [entry]
+        meta["numTraining"] = len(meta["training"])
+    else:
+        meta["numTraining"] = len([p for p in label_dir.iterdir() if p.name.endswith(".nii.gz")])
     meta["file_ending"] = ".nii.gz"
     fd, tmp = tempfile.mkstemp(prefix=".dataset.", suffix=".json", dir=str(dataset_dir))
     with os.fdopen(fd, "w", encoding="utf-8") as handle:

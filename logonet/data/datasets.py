@@ -27,6 +27,7 @@ import SimpleITK as sitk
 
 from ..errors import UserError
 from . import io
+from .labels import parse_label_names
 
 LAYOUTS = ("msd", "nnunet", "pairs", "unlabeled")
 _LABEL_SUFFIXES = ("_seg", "_label", "_labels", "_mask", "_gt")
@@ -108,34 +109,13 @@ def _read_dataset_json(root: Path) -> Dict[str, Any]:
     return data
 
 
-def _parse_label_names(raw: Any, source: Path) -> Dict[int, str]:
-    """MSD ``{"1": "liver"}`` or nnU-Net ``{"liver": 1}`` -> ``{1: "liver"}`` (background dropped)."""
-    if raw is None:
-        return {}
-    if not isinstance(raw, Mapping):
-        raise UserError(f"{source}: 'labels' must be an object mapping values to names")
-    names: Dict[int, str] = {}
-    for key, value in raw.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):  # nnU-Net: name -> value
-            names[int(value)] = str(key)
-        elif isinstance(value, list):
-            raise UserError(f"{source}: label {key!r} is a region (list of values); region-based nnU-Net "
-                            "datasets are not supported, give one value per label")
-        elif str(key).strip().lstrip("-").isdigit():  # MSD: "value" -> name
-            names[int(key)] = str(value)
-        else:
-            raise UserError(f"{source}: cannot read label entry {key!r}: {value!r}")
-    names.pop(0, None)
-    return names
-
-
 def _resolve(root: Path, rel: str) -> Path:
     return (root / rel).resolve() if not os.path.isabs(rel) else Path(rel)
 
 
 def _discover_msd(root: Path) -> DatasetIndex:
     meta = _read_dataset_json(root)
-    names = _parse_label_names(meta.get("labels"), root / "dataset.json")
+    names = parse_label_names(meta.get("labels"), root / "dataset.json")
     cases: List[Dict[str, Optional[str]]] = []
     problems: List[str] = []
     for i, entry in enumerate(meta.get("training", [])):
@@ -187,7 +167,7 @@ def _discover_nnunet(root: Path) -> DatasetIndex:
     if isinstance(channels, Mapping) and len(channels) > 1:
         raise UserError(f"{root / 'dataset.json'} declares {len(channels)} input channels; LoGoNet takes one "
                         "(CT): keep only channel _0000.")
-    names = _parse_label_names(meta.get("labels"), root / "dataset.json")
+    names = parse_label_names(meta.get("labels"), root / "dataset.json")
     ending = str(meta.get("file_ending", "")) or None
 
     def case_id(path: Path) -> Optional[str]:
@@ -242,7 +222,7 @@ def _discover_pairs(root: Path) -> DatasetIndex:
             problems.append(f"label labels/{path.name} has no image in images/ with the same name")
     names: Dict[int, str] = {}
     if (root / "dataset.json").is_file():
-        names = _parse_label_names(_read_dataset_json(root).get("labels"), root / "dataset.json")
+        names = parse_label_names(_read_dataset_json(root).get("labels"), root / "dataset.json")
     else:
         for case in cases:
             if case["label"] and Path(case["label"]).is_file():

@@ -7,9 +7,11 @@ GenericAnatomyColors where one exists) and DICOM/SNOMED-CT terminology travel in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+
+from ..errors import UserError
 
 #: DICOM coded concept: (coding scheme designator, code value, code meaning).
 Code = Tuple[str, str, str]
@@ -126,3 +128,24 @@ def remap_labels(array: np.ndarray, mapping: Mapping[int, int]) -> np.ndarray:
 def totalseg_to_btcv(array: np.ndarray) -> np.ndarray:
     """Convert a TotalSegmentator label array to BTCV values (other structures -> background)."""
     return remap_labels(array, TOTALSEG_TO_BTCV)
+
+
+def parse_label_names(raw: Any, source: object) -> Dict[int, str]:
+    """MSD ``{"1": "liver"}`` or nnU-Net ``{"liver": 1}`` -> ``{1: "liver"}`` (background dropped)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise UserError(f"{source}: 'labels' must be an object mapping values to names")
+    names: Dict[int, str] = {}
+    for key, value in raw.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # nnU-Net: name -> value
+            names[int(value)] = str(key)
+        elif isinstance(value, list):
+            raise UserError(f"{source}: label {key!r} is a region (list of values); region-based nnU-Net "
+                            "datasets are not supported, give one value per label")
+        elif str(key).strip().lstrip("-").isdigit():  # MSD: "value" -> name
+            names[int(key)] = str(value)
+        else:
+            raise UserError(f"{source}: cannot read label entry {key!r}: {value!r}")
+    names.pop(0, None)
+    return names
