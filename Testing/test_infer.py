@@ -125,6 +125,14 @@ def test_progress_jsonl_schema_and_stats(tmp_path, card, volume, capsys):
     assert float(rows[1]["volume_ml"]) == pytest.approx(liver_voxels * 1.5 * 1.7 * 2.1 / 1000, rel=1e-3)
 
 
+def test_progress_jsonl_error_event(tmp_path, card, capsys):
+    code, stdout, err = _segment([tmp_path / "missing.nii.gz", tmp_path / "seg.nii.gz", "--model", card,
+                                  "--progress", "jsonl"], capsys)
+    records = [json.loads(line) for line in stdout.splitlines() if line.strip()]
+    assert code == 2 and records[-1]["event"] == "error" and "does not exist" in records[-1]["message"]
+    assert "does not exist" in err
+
+
 def test_roi_and_batch_mode(tmp_path, card, volume, capsys):
     folder = tmp_path / "cases"
     io.write_image(volume, folder / "a.nii.gz")

@@ -58,7 +58,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(module.run(args) or 0)  # type: ignore[attr-defined]
     except (UserError, FileNotFoundError, ValueError) as error:
-        print(f"logonet {argv[0] if argv else ''}: error: {error}", file=sys.stderr)
+        if getattr(args, "progress", None) == "jsonl":  # a driving program (Slicer) reads the reason from here
+            from .events import ProgressReporter
+
+            ProgressReporter("jsonl").emit("error", message=str(error))
+        print(f"logonet {argv[0]}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("logonet: interrupted", file=sys.stderr)
