@@ -17,14 +17,16 @@ def test_dice_and_hd95_known_values():
     ref[5:15, 5:15, 5:15] = 1            # 1000 voxels
     pred[5:15, 5:15, 7:17] = 1           # shifted by 2 voxels along x: overlap 800
     ref[0:2, 0:2, 0:2] = 3               # organ missed entirely
-    rows = score(pred, ref, [1, 3, 4], spacing=(2.0, 1.0, 1.5), names={1: "spleen", 3: "left kidney"})
+    pred[18:, 18:, 18:] = 5              # organ predicted where the reference has none
+    rows = score(pred, ref, [1, 3, 4, 5], spacing=(2.0, 1.0, 1.5), names={1: "spleen", 3: "left kidney"})
     by_value = {r["value"]: r for r in rows}
     assert by_value[1]["dice"] == pytest.approx(2 * 800 / 2000)
     assert by_value[1]["hd95_mm"] == pytest.approx(2 * 1.5)  # 2 voxels along x at 1.5 mm
     assert by_value[3]["dice"] == 0.0 and np.isnan(by_value[3]["hd95_mm"])
     assert np.isnan(by_value[4]["dice"])  # absent from both: not counted
     assert by_value[1]["name"] == "spleen" and by_value[4]["name"] == "label_4"
-    assert mean_row(rows)["dice"] == pytest.approx((0.8 + 0.0) / 2)
+    assert by_value[5]["dice"] == 0.0  # a false positive counts as a miss, not as "not applicable"
+    assert mean_row(rows)["dice"] == pytest.approx((0.8 + 0.0 + 0.0) / 3)
 
 
 def test_cli_table_csv_and_resampled_prediction(tmp_path, capsys):

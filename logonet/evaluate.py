@@ -26,14 +26,15 @@ def score(pred: np.ndarray, ref: np.ndarray, values: Sequence[int], spacing: Seq
     """Per-label rows ``{value, name, dice, hd95_mm, ref_voxels, pred_voxels}``.
 
     pred/ref: integer arrays of the same shape (any axis order, with ``spacing`` in that order).
-    Dice of a label absent from both is NaN; HD95 is NaN when either side is empty.
+    Dice of a label absent from both is NaN (not counted), 0 when only one side has it; HD95 is NaN when
+    either side is empty.
     """
     from monai.metrics import DiceMetric, HausdorffDistanceMetric
 
     if pred.shape != ref.shape:
         raise UserError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
     names = dict(names or {})
-    dice_metric = DiceMetric(include_background=True, reduction="none", ignore_empty=True)
+    dice_metric = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
     hd_metric = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
     rows = []
     for value in values:
