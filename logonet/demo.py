@@ -78,7 +78,7 @@ def overlay_png(image: Any, labels: Any, colors: Mapping[int, Sequence[int]], pa
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from .modelcard import atomic_write
+    from .atomic import atomic_write
 
     # Resample both to 1 mm-ish isotropic display in RAS-like orientation so the views are not squashed.
     ct = sitk.DICOMOrient(image, "LPS")

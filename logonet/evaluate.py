@@ -127,7 +127,7 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def write_csv(rows: Sequence[Mapping[str, Any]], path: Any) -> None:
-    from .modelcard import atomic_write
+    from .atomic import atomic_write
 
     buffer = _io.StringIO()
     fields = ["value", "name", "dice", "hd95_mm", "ref_voxels", "pred_voxels"]

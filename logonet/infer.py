@@ -283,7 +283,7 @@ def _batch_inputs(folder: Path) -> List[Path]:
 
 
 def _write_stats(rows: List[Dict[str, Any]], path: PathLike) -> None:
-    from .modelcard import atomic_write
+    from .atomic import atomic_write
 
     buffer = _io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["case", "value", "name", "voxels", "volume_ml"], lineterminator="\n")

@@ -8,19 +8,20 @@ file, weights that were changed after the card was written, or tensors that do n
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from . import __version__
+from .atomic import atomic_write  # noqa: F401  (re-exported: callers written before logonet.atomic)
+from .atomic import ordinary_mode, write_json_atomic
 from .errors import UserError
 
 FORMAT = "logonet-model"
@@ -31,24 +32,6 @@ META = "model.json"
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-@contextlib.contextmanager
-def atomic_write(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one ``os.replace``.
-
-    On any error the temporary file is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -288,7 +271,7 @@ def save(out_dir: PathLike, model: Union[nn.Module, Mapping[str, torch.Tensor]],
     """
     from safetensors.torch import save_file
 
-    from .data.io import sha256_file, write_json_atomic
+    from .data.io import sha256_file
 
     out_dir = Path(out_dir)
     state = model.state_dict() if isinstance(model, nn.Module) else dict(model)
@@ -317,10 +300,10 @@ def save(out_dir: PathLike, model: Union[nn.Module, Mapping[str, torch.Tensor]],
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=str(out_dir.parent)))
     try:
         save_file(tensors, str(tmp_dir / WEIGHTS), metadata={"format": FORMAT})
-        os.chmod(tmp_dir / WEIGHTS, 0o666 & ~_umask())  # ordinary file permissions, like model.json
+        os.chmod(tmp_dir / WEIGHTS, ordinary_mode())  # ordinary file permissions, like model.json
         meta["weights_sha256"] = sha256_file(tmp_dir / WEIGHTS)
         write_json_atomic(meta, tmp_dir / META)
-        os.chmod(tmp_dir, 0o777 & ~_umask())
+        os.chmod(tmp_dir, ordinary_mode(directory=True))
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=str(out_dir.parent)))
             os.replace(out_dir, old / out_dir.name)
@@ -331,9 +314,3 @@ def save(out_dir: PathLike, model: Union[nn.Module, Mapping[str, torch.Tensor]],
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return out_dir
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..modelcard import atomic_write
+from ..atomic import atomic_write, write_json_atomic
 
 MANIFEST = "manifest.json"
 FEATURES = "features.f16"
@@ -188,9 +188,7 @@ def read_manifest(folder: Path) -> Optional[Dict[str, Any]]:
 
 
 def _write_manifest(folder: Path, manifest: Dict[str, Any]) -> None:
-    # modelcard's atomic_write, not data.io's JSON helper: that module imports MONAI (seconds) for nothing here.
-    with atomic_write(folder / MANIFEST) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(manifest, folder / MANIFEST)
 
 
 def _centroid_path(folder: Path, index: int) -> Path:

@@ -37,7 +37,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..events import ProgressReporter
-from ..modelcard import atomic_write
+from ..atomic import atomic_write
 
 #: step_fn(model, batch, device) -> scalar loss, or (loss, {metric: float}) for extra per-step metrics.
 StepFn = Callable[[nn.Module, Any, torch.device], Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, float]]]]
