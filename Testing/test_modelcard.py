@@ -73,6 +73,19 @@ def test_pickled_weights_refused(tmp_path):
         modelcard.load(path).state_dict()
 
 
+def test_safetensors_header_length_starting_0x80_is_not_a_pickle(tmp_path):
+    """A header of 0x80 + 256k bytes puts 0x80 first (little-endian length): still a valid safetensors file."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    for width in range(1, 300):  # pad a name until the header length's low byte is 0x80
+        save_file({"x" * width: torch.zeros(1)}, str(path))
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    assert path.read_bytes()[:1] == b"\x80"
+    assert set(modelcard.read_weights(path)) == {"x" * width}
+
+
 def test_mismatched_architecture_refused(tmp_path):
     path, _ = _card(tmp_path / "card")
     meta = json.loads((path / "model.json").read_text())

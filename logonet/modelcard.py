@@ -145,7 +145,9 @@ def read_weights(path: PathLike, expected_sha256: Optional[str] = None) -> Dict[
         raise UserError(f"the model card has no weights file: {path} is missing")
     with open(path, "rb") as handle:
         head = handle.read(9)
-    if head[:1] == b"\x80" or head[:2] == b"PK":
+    # A safetensors file starts with its header length (8 bytes, little-endian, so the first byte may be 0x80)
+    # and then "{": only a file without that header can be a pickle (0x80 protocol byte) or a zip ("PK").
+    if head[8:9] != b"{" and (head[:1] == b"\x80" or head[:2] == b"PK"):
         raise UserError(f"{path} is a pickle / torch.save file, not safetensors; refusing to load it because "
                         "pickles can run arbitrary code. Convert it with a trusted tool or retrain.")
     if len(head) < 9 or head[8:9] != b"{":
