@@ -172,6 +172,11 @@ def make_loader(dataset: Any, batch_size: int, *, shuffle: bool = True, dist: Op
     kwargs: Dict[str, Any] = {}
     if collate_fn is not None:
         kwargs["collate_fn"] = collate_fn
+    if num_workers > 0:
+        from monai.data.utils import worker_init_fn
+
+        # Each worker re-seeds the MONAI transforms it holds; without it every worker replays the same crops.
+        kwargs["worker_init_fn"] = worker_init_fn
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
                                        sampler=sampler, num_workers=num_workers,
                                        drop_last=drop_last, persistent_workers=num_workers > 0, **kwargs)

@@ -216,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
         reporter.emit("stage", stage="data", train_cases=len(train_cases), val_cases=len(val_cases),
                       classes=n_classes)
         train_tf, val_tf = build_transforms(cfg, values)
+        train_tf.set_random_state(seed=args.seed + dist.rank)  # MONAI's random crops: repeatable for a seed
         cached = eng.training_dataset(train_cases, train_tf, args.cache, out / "cache", args.workers)
         train_ds = eng.RepeatDataset(cached, args.repeats)
         loader = eng.make_loader(train_ds, batch_size=args.batch, shuffle=True, dist=dist, seed=args.seed,
