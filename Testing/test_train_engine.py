@@ -148,7 +148,12 @@ def test_sigterm_mid_epoch_saves_and_returns(tmp_path):
     engine.step_fn = step
     result = engine.fit()
     assert result.interrupted and result.epochs_done == 0
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 0
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 0
+    # the epoch is redone on resume, so the schedule is saved at its start, not one step into it
+    assert state["scheduler"]["last_epoch"] == 0
+    first_lr = engine.scheduler.base_lrs[0] * engine.scheduler.lr_lambdas[0](0)
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(first_lr)
     assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None) or callable(signal.getsignal(signal.SIGTERM))
 
 

@@ -480,6 +480,15 @@ class Engine:
         self.start_epoch = int(state["epoch"])
         return self.start_epoch
 
+    def _rewind_schedule(self, epochs_done: int) -> None:
+        """Put the per-step LambdaLR schedule (and the optimizer's lr) back at the start of epoch ``epochs_done``."""
+        step = epochs_done * self.steps_per_epoch
+        self.scheduler.last_epoch = step
+        for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                          self.scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(step)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
     # -- signals -----------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:
@@ -615,7 +624,9 @@ class Engine:
                 loss, extras, stopped = self.train_epoch(epoch)
                 if stopped:
                     interrupted = True
-                    # The unfinished epoch is redone on resume; the weights keep what it learnt so far.
+                    # The unfinished epoch is redone on resume; the weights keep what it learnt so far, and the
+                    # schedule goes back to the epoch's start so a stop does not shift the learning-rate curve.
+                    self._rewind_schedule(epoch)
                     self.save(epoch)
                     self.reporter.emit("warning", message=f"stopped by signal {self._stop_signal}; "
                                                           "resume with --resume")
