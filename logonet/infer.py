@@ -205,6 +205,10 @@ class Predictor:
             source = image[x0:x1, y0:y1, z0:z1]  # SimpleITK slicing keeps the physical geometry
         self.reporter.emit("stage", stage="preprocess")
         x = preprocess_for_inference(source, self.cfg)
+        if min(x.shape[1:]) == 0:  # the foreground crop found nothing above the window's lower end
+            low = self.cfg.intensity_window[0]
+            raise UserError(f"no voxel is above {low:g} (the model's intensity window starts there): the image "
+                            "is empty in that range; is it a CT in Hounsfield units (not MR, not rescaled)?")
         timings["preprocess"] = time.perf_counter() - t
 
         t = time.perf_counter()
