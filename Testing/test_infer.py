@@ -173,6 +173,7 @@ def test_bad_inputs_clear_error_nothing_written(tmp_path, card, volume, capsys):
         ([src, tmp_path / "seg.txt", "--model", card], "must end in"),
         ([tmp_path / "nothing.nii.gz", out, "--model", card], "does not exist"),
         ([src, src, "--model", card], "is the input image itself"),
+        ([src, out, "--model", card, "--sw-batch", "0"], "--sw-batch must be at least 1"),
         ([io.write_image(sitk.Image(volume.GetSize(), sitk.sitkInt16) - 2000, tmp_path / "air.nii.gz"), out,
           "--model", card], "Hounsfield"),
     ]

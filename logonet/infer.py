@@ -136,6 +136,8 @@ class Predictor:
                             "fine-tune it before segmenting")
         if not 0.0 <= overlap < 1.0:
             raise UserError(f"--overlap must be in [0, 1), got {overlap}")
+        if sw_batch_size < 1:
+            raise UserError(f"--sw-batch must be at least 1, got {sw_batch_size}")
         self.device = select_device(device)
         self.overlap = overlap
         self.sw_batch_size = sw_batch_size

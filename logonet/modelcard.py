@@ -230,6 +230,8 @@ def load(path: PathLike) -> ModelCard:
         meta = json.loads((path / META).read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
         raise _fail(path, f"is not valid JSON ({error})") from error
+    except OSError as error:  # permissions, a broken network share
+        raise _fail(path, f"cannot be read ({error.strerror or error})") from error
     validate_meta(meta, path)
     if not (path / WEIGHTS).is_file():
         raise UserError(f"the model card {path} has no {WEIGHTS}")
