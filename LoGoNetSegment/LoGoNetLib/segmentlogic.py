@@ -129,7 +129,7 @@ class SegmentLogic:
             raise LoGoNetError(f"'{volume_node.GetName()}' is a 2-D image; LoGoNet needs a 3-D volume")
 
     def build_command(self, input_path, output_path, model_path, device: str = "auto", fast: bool = False,
-                      roi: Optional[Sequence[int]] = None, stats_path=None) -> List[str]:
+                      roi: Optional[Sequence[int]] = None) -> List[str]:
         if device not in DEVICES:
             raise LoGoNetError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
         command = list(self.command_prefix or logonet_command()) + [
@@ -139,8 +139,6 @@ class SegmentLogic:
             command.append("--fast")
         if roi is not None:
             command += ["--roi", ",".join(str(int(v)) for v in roi)]
-        if stats_path is not None:
-            command += ["--stats", str(stats_path)]
         return command
 
     # ------------------------------------------------------------------------------------------ run
@@ -167,8 +165,8 @@ class SegmentLogic:
         self.task = task
         try:
             input_path = sc.write_volume(inputVolume, temp_dir / "input.nrrd")
-            command = self.build_command(input_path, temp_dir / "result.nrrd", entry.path, device, fast, roi,
-                                         temp_dir / "stats.csv")
+            # No --stats: the organ volumes come from the labelmap this process reads anyway.
+            command = self.build_command(input_path, temp_dir / "result.nrrd", entry.path, device, fast, roi)
         except Exception:
             self._cleanup(task)
             raise
