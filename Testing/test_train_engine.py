@@ -206,3 +206,18 @@ def test_single_value_batch_norm_is_a_user_error(tmp_path):
                         reporter=ProgressReporter("none"), dist=eng.DistContext(device=torch.device("cpu")))
     with pytest.raises(UserError, match="--samples 2"):
         engine.fit()
+
+
+def test_loader_workers_draw_different_crops_and_ignore_ctrl_c():
+    from monai.data import Dataset
+    from monai.transforms import RandSpatialCropd
+
+    volume = torch.arange(16 ** 3, dtype=torch.float32).reshape(1, 16, 16, 16)
+    crop = RandSpatialCropd(keys="image", roi_size=(4, 4, 4), random_size=False)
+    crop.set_random_state(seed=0)
+    dataset = eng.RepeatDataset(Dataset([{"image": volume}], transform=crop), 4)
+    loader = eng.make_loader(dataset, batch_size=1, shuffle=False, num_workers=2)
+    corners = [float(batch["image"].flatten()[0]) for batch in loader]
+    # item k goes to worker k % 2: with the same RNG state both workers would yield the same corner sequence
+    assert corners[0::2] != corners[1::2]
+    assert loader.worker_init_fn is eng._init_worker

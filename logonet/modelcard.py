@@ -309,10 +309,17 @@ def save(out_dir: PathLike, model: Union[nn.Module, Mapping[str, torch.Tensor]],
         write_json_atomic(meta, tmp_dir / META)
         os.chmod(tmp_dir, ordinary_mode(directory=True))
         if out_dir.exists():
+            # Two renames (a folder cannot be swapped in one); if the second fails the old card goes back.
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=str(out_dir.parent)))
             os.replace(out_dir, old / out_dir.name)
-            os.replace(tmp_dir, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.replace(tmp_dir, out_dir)
+            except BaseException:
+                os.replace(old / out_dir.name, out_dir)
+                raise
+            finally:
+                if out_dir.exists():
+                    shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp_dir, out_dir)
     finally:

@@ -33,13 +33,13 @@ from ..errors import UserError
 from ..events import ProgressReporter, reporter_for
 from ..nets.pretrain_head import PretrainHead
 from ..train import engine as eng
+from ..train.init import HEAD_PREFIX
 from .loss import masked_cluster_loss
 from .masking import PAPER_PATCH_SIZES, MaskingConfig, mask_crop
 from .pseudolabels import ClusterSettings, PseudoLabeler, fit_pseudolabels
 
 DEFAULT_ROI = 96
 SCAN_FILE = "volumes.json"
-HEAD_PREFIX = "pretrain_head."
 
 
 # ----------------------------------------------------------------------------------------------------------

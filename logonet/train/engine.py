@@ -160,6 +160,16 @@ def cleanup_distributed(ctx: Optional[DistContext]) -> None:
             tdist.destroy_process_group()
 
 
+def _init_worker(worker_id: int) -> None:
+    """DataLoader workers ignore Ctrl-C/Stop (the main process handles it and checkpoints; a worker dying on
+    it would crash the main loop first) and re-seed their MONAI transforms (else every worker replays the same
+    crops)."""
+    from monai.data.utils import worker_init_fn
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    worker_init_fn(worker_id)
+
+
 def make_loader(dataset: Any, batch_size: int, *, shuffle: bool = True, dist: Optional[DistContext] = None,
                 seed: int = 0, num_workers: int = 0, collate_fn: Optional[Callable] = None,
                 drop_last: bool = False) -> torch.utils.data.DataLoader:
@@ -173,10 +183,7 @@ def make_loader(dataset: Any, batch_size: int, *, shuffle: bool = True, dist: Op
     if collate_fn is not None:
         kwargs["collate_fn"] = collate_fn
     if num_workers > 0:
-        from monai.data.utils import worker_init_fn
-
-        # Each worker re-seeds the MONAI transforms it holds; without it every worker replays the same crops.
-        kwargs["worker_init_fn"] = worker_init_fn
+        kwargs["worker_init_fn"] = _init_worker
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
                                        sampler=sampler, num_workers=num_workers,
                                        drop_last=drop_last, persistent_workers=num_workers > 0, **kwargs)
@@ -503,7 +510,8 @@ class Engine:
             # A second Ctrl-C falls through to the default behaviour (immediate KeyboardInterrupt).
             signal.signal(signal.SIGINT, previous.get(signal.SIGINT, signal.default_int_handler))
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # SIGBREAK: what Windows delivers for Ctrl-Break / the Slicer module's Stop (CTRL_BREAK_EVENT).
+        for sig in (signal.SIGINT, signal.SIGTERM) + ((signal.SIGBREAK,) if hasattr(signal, "SIGBREAK") else ()):
             previous[sig] = signal.getsignal(sig)
             signal.signal(sig, handler)
         try:
