@@ -117,7 +117,7 @@ def parse_event_line(line: str) -> Optional[Dict[str, Any]]:
 
 
 def reporter_for(mode: Optional[str]) -> ProgressReporter:
-    """``--progress`` -> reporter; default: tqdm on a terminal, log lines otherwise."""
+    """``--progress`` -> reporter; default: tqdm on a terminal, silent otherwise."""
     if mode is None:
         mode = "tqdm" if sys.stderr.isatty() else "none"
     return ProgressReporter(mode)

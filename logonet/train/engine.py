@@ -367,7 +367,7 @@ class TrainConfig:
     weight_decay: float = 1e-5
     warmup_epochs: int = 0
     min_lr_ratio: float = 0.0
-    amp: str = "auto"              # auto | bf16 | fp16 | off (CPU: always off)
+    amp: str = "auto"              # auto | bf16 | fp16 | off (CPU: bf16 when asked, else off)
     grad_clip: Optional[float] = None
     seed: int = 0
     val_every: int = 1             # validate every N epochs and always on the last one
