@@ -1,0 +1,126 @@
+"""``logonet bench``: each sub-command on tiny settings writes its markdown table, CSV and machine description
+with the expected columns and sane numbers; ``bench report`` pastes the tables into a document."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from logonet import cli
+from logonet.bench import common
+from logonet.bench.report import fill
+from logonet.bench.selfsup import summarize
+
+
+def _positive(row, *keys):
+    for key in keys:
+        assert float(row[key]) > 0, (key, row)
+
+
+def test_speed_tiny(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "speed", "--out", str(out), "--size", "32", "--models", "logonet:S,ulkanet:T",
+                     "--threads", "1", "--warmup", "0", "--runs", "1", "--no-compile", "--progress", "none"]) == 0
+    rows = {r["model"]: r for r in common.read_csv(out / "speed.csv")}
+    assert list(rows) == ["logonet:S", "ulkanet:T"]
+    for key in ("params_ratio", "macs_ratio", "time_ratio", "mem_ratio"):
+        assert float(rows["logonet:S"][key]) == pytest.approx(1.0)
+    for row in rows.values():
+        _positive(row, "params_m", "gmacs", "forward_s", "peak_mib")
+    assert float(rows["ulkanet:T"]["params_ratio"]) < 0.1  # T is tiny next to S
+    local = common.read_csv(out / "speed_local.csv")
+    assert [r["path"].split()[0] for r in local] == ["batched", "loop"]
+    assert float(local[0]["max_abs_diff"]) < 1e-4  # same maths
+    _positive(local[0], "median_s", "speedup_vs_loop")
+    variants = {r["variant"]: r for r in common.read_csv(out / "speed_variants.csv")}
+    assert float(variants["LoGoNet-S float32"]["speedup"]) == pytest.approx(1.0)
+    assert variants["LoGoNet-S torch.compile (inductor)"]["status"].startswith("skipped")
+    parts = common.read_csv(out / "speed_profile.csv")
+    assert len(parts) == 3 and sum(float(p["share"]) for p in parts) == pytest.approx(1.0, abs=1e-3)
+    text = (out / "speed.md").read_text()
+    assert "| logonet:S |" in text and "Machine:" in text and "logonet bench speed" in text
+    assert json.loads((out / "speed_machine.json").read_text())["torch_threads"] == 1
+
+
+def test_speed_refuses_bad_size(tmp_path, capsys):
+    assert cli.main(["bench", "speed", "--out", str(tmp_path), "--size", "40"]) == 2
+    assert "multiple of 32" in capsys.readouterr().err
+
+
+def test_volume_tiny_synthetic(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "volume", "--out", str(out), "--models", "demo", "--cases", "btcv",
+                     "--synthetic-shape", "64,64,24", "--synthetic-spacing", "2,2,4", "--overlaps", "0.25",
+                     "--threads", "1", "--progress", "none"]) == 0
+    (row,) = common.read_csv(out / "volume.csv")
+    assert (row["model"], row["case"], row["input_size"]) == ("demo", "btcv", "64x64x24")
+    stages = ["load_model_s", "read_s", "preprocess_s", "inference_s", "postprocess_s", "write_s"]
+    _positive(row, "total_s", "inference_s", "peak_mib", "inference_peak_mib", "window_batches")
+    assert float(row["total_s"]) >= sum(float(row[s]) for s in stages) - 1e-3
+    memory = common.read_csv(out / "volume_memory.csv")[0]
+    assert float(memory["inference_peak_mib"]) >= float(memory["load_model_peak_mib"]) * 0.5
+    assert "| demo | btcv |" in (out / "volume.md").read_text()
+
+
+def test_synthetic_volume_geometry():
+    from logonet.bench.volume import synthetic_volume
+
+    image = synthetic_volume((40, 30, 10), (0.8, 0.8, 2.5))
+    assert image.GetSize() == (40, 30, 10) and image.GetSpacing() == pytest.approx((0.8, 0.8, 2.5))
+
+
+def test_accuracy_one_step(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "accuracy", "--out", str(out), "--models", "logonet:T,ulkanet:T", "--size", "32",
+                     "--roi", "32", "--train-cases", "1", "--test-cases", "1", "--epochs", "1", "--samples", "2",
+                     "--threads", "1", "--progress", "none"]) == 0
+    rows = common.read_csv(out / "accuracy.csv")
+    assert [r["model"] for r in rows] == ["logonet:T", "ulkanet:T"]
+    for row in rows:
+        assert 0.0 <= float(row["mean_dice"]) <= 1.0
+        assert "dice_liver" in row and "dice_left_adrenal_gland" in row
+    assert "Local+global ablation (T)" in (out / "accuracy.md").read_text()
+
+
+def test_ssl_one_step(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "ssl", "--out", str(out), "--size", "32", "--roi", "32", "--unlabeled", "2",
+                     "--labeled", "1", "--seeds", "2", "--test-cases", "1", "--epochs", "1", "--pretrain-epochs", "1",
+                     "--samples", "2", "--clusterers", "2", "--k-min", "2", "--k-max", "4", "--no-ablations",
+                     "--threads", "1", "--progress", "none"]) == 0
+    rows = {r["variant"]: r for r in common.read_csv(out / "ssl.csv")}
+    assert set(rows) == {"scratch", "ssl"}
+    assert rows["ssl"]["seeds"] == "2" and len(rows["ssl"]["per_seed"].split()) == 2
+    assert rows["ssl"]["beyond_spread"] in ("yes", "no")
+    assert "seed spread" in (out / "ssl.md").read_text()
+
+
+def test_summarize_gain_against_spread():
+    rows = {(r["variant"], r["labeled"]): r for r in summarize({
+        ("scratch", 2): [0.50, 0.52, 0.48], ("ssl", 2): [0.60, 0.61, 0.59],
+        ("scratch", 4): [0.60, 0.70], ("ssl", 4): [0.62, 0.72]})}
+    assert rows[("ssl", 2)]["gain_vs_scratch"] == pytest.approx(0.10)
+    assert rows[("ssl", 2)]["beyond_spread"] == "yes"
+    assert rows[("ssl", 4)]["beyond_spread"] == "no"  # +0.02 inside a spread of 0.07
+    assert "gain_vs_scratch" not in rows[("scratch", 2)]
+
+
+def test_markdown_and_ratio_helpers():
+    table = common.markdown_table([{"a": 1.23456, "b": float("nan"), "c": "x|y"}],
+                                  [("a", "A", ".2f"), ("b", "B", ".1f"), ("c", "C", "")])
+    assert table.splitlines() == ["| A | B | C |", "|---|---|---|", "| 1.23 | n/a | x/y |"]
+    assert common.ratio(3, 2) == 1.5 and math.isnan(common.ratio(1, 0)) and math.isnan(common.ratio(None, 1))
+
+
+def test_report_fills_markers(tmp_path, capsys):
+    (tmp_path / "speed.md").write_text("### Speed\n\n| a |\n|---|\n| 1 |\n")
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\nprose\n<!-- bench:speed -->\nold\n<!-- /bench:speed -->\n"
+                   "<!-- bench:ssl -->\n(not run)\n<!-- /bench:ssl -->\nend\n")
+    text, filled, missing = fill(doc.read_text(), tmp_path)
+    assert filled == ["speed"] and missing == ["ssl"]
+    assert "| 1 |" in text and "old" not in text and "(not run)" in text and text.endswith("end\n")
+    assert cli.main(["bench", "report", "--out", str(tmp_path), "--doc", str(doc)]) == 0
+    assert doc.read_text() == text
+    assert fill(text, tmp_path)[0] == text  # idempotent
