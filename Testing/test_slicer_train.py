@@ -115,7 +115,7 @@ def test_stop_sends_exactly_one_sigint(monkeypatch, process_scan_fails):
 
 def test_problems_are_reported_all_at_once(train_env, tmp_path):
     from LoGoNetLib.segmentlogic import LoGoNetError
-    from LoGoNetLib.trainlogic import FINETUNE_FROM_PRETRAINED, TrainSettings
+    from LoGoNetLib.trainlogic import FINETUNE_FROM_PRETRAINED, PRETRAIN, TrainSettings, count_cases
 
     mrml, logic, catalog, data = train_env
     empty = tmp_path / "empty"
@@ -131,6 +131,12 @@ def test_problems_are_reported_all_at_once(train_env, tmp_path):
         logic.start(settings)
     ok = TrainSettings(data_dir=str(data), out_dir=str(tmp_path / "o"), resume=True)
     assert any("nothing to resume" in p for p in logic.problems(ok))
+    # pre-training reads DICOM series / nested folders too: a folder of subfolders is the worker's to judge
+    (empty / "patient1" / "series1").mkdir(parents=True)
+    (empty / "patient1" / "liver.seg.nrrd").write_bytes(b"")
+    nested = TrainSettings(mode=PRETRAIN, data_dir=str(empty), out_dir=str(tmp_path / "o"))
+    assert logic.problems(nested) == []
+    assert count_cases(empty / "patient1") == (0, 0)  # a .seg.nrrd is a segmentation, not an image
 
 
 def test_command_line_matches_the_cli(train_env, tmp_path):

@@ -31,7 +31,8 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 def _volumes(folder: Path) -> List[Path]:
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)
+                  and not p.name.lower().endswith(".seg.nrrd"))  # a segmentation, not an image
 
 
 def count_cases(folder) -> Tuple[int, int]:
@@ -166,7 +167,10 @@ class TrainLogic:
                          f"{settings.data_dir or '(none)'} does not exist")
         else:
             images, labels = count_cases(data)
-            if images == 0:
+            # Pre-training also reads DICOM series and nested folders: the worker looks there, so only a folder
+            # without volumes and without subfolders is refused here.
+            nested = settings.mode == PRETRAIN and any(p.is_dir() for p in data.iterdir())
+            if images == 0 and not nested:
                 found.append(f"no volumes found in {data} (expected imagesTr/ or images/ or volumes in the folder)")
             elif settings.mode != PRETRAIN and labels == 0:
                 found.append(f"no label maps found in {data} (fine-tuning needs imagesTr/+labelsTr/ or images/+labels/)")
