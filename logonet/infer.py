@@ -145,6 +145,7 @@ class Predictor:
         self.reporter = reporter or ProgressReporter("none")
         self.cfg = PreprocessConfig.from_dict(self.card.preprocessing)
         self.net = self.card.build_model(self.device)
+        self._moved_to_cpu = False  # by the last out-of-memory fallback
         self.lookup = np.asarray(self.card.label_values, dtype=np.uint16)
 
     @property
@@ -174,6 +175,10 @@ class Predictor:
             try:
                 if compute.type == "cpu" and next(self.net.parameters()).device.type != "cpu":
                     self.net = self.net.to(cpu)
+                    self._moved_to_cpu = True
+                elif compute.type == "cuda" and self._moved_to_cpu:  # the next case of a batch tries the GPU again
+                    self.net = self.net.to(compute)
+                    self._moved_to_cpu = False
                 return sliding_window_logits(self.net, x, roi, device=compute, overlap=self.overlap,
                                              sw_batch_size=self.sw_batch_size,
                                              amp_dtype=self.amp_dtype if compute.type == "cuda" else None,
