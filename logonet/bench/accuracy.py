@@ -47,8 +47,8 @@ def finetune(data: Path, out: Path, spec: str, args: argparse.Namespace, epochs:
     kwargs = {"img_size": [args.roi] * 3} if name in ("unetr", "segresnetvae") else {}
     argv = [str(data), "--out", str(out), "--model", name, "--preset", preset or "S", "--epochs", str(epochs),
             "--repeats", str(repeats), "--roi", str(args.roi), "--samples", str(args.samples), "--lr", str(args.lr),
-            "--warmup", "0", "--val-fraction", "0", "--val-every", str(epochs), "--seed", str(seed), "--device", str(args.device),
-            "--progress", "none", "--model-kwargs", json.dumps(kwargs)]
+            "--warmup", "0", "--val-fraction", "0", "--val-every", str(epochs), "--seed", str(seed),
+            "--device", str(args.device), "--progress", "none", "--model-kwargs", json.dumps(kwargs)]
     if init is not None:
         argv += ["--init", str(init)]
     parser = argparse.ArgumentParser()
@@ -121,12 +121,8 @@ def run(args: argparse.Namespace) -> int:
              f"of {args.samples} crops of {args.roi}^3, AdamW lr {args.lr}, no warm-up, seed {args.seed}; "
              f"scored on {args.test_cases} held-out phantoms (seed {TEST_SEED}) by sliding window, overlap 0.5.")
     notes = _ablation_notes(rows)
-    path = common.write_report(args.out, "accuracy", "Accuracy with an equal training budget (phantoms)",
-                               common.command_line("accuracy"), machine, [section], notes)
-    reporter.emit("done", outputs=[str(path)])
-    if reporter.mode != "jsonl":
-        print(path.read_text())
-    return 0
+    return common.finish(args, reporter, "accuracy", "Accuracy with an equal training budget (phantoms)", machine,
+                         [section], notes)
 
 
 def _ablation_notes(rows: Sequence[Dict[str, Any]]) -> List[str]:

@@ -206,6 +206,11 @@ def ratio(value: Any, reference: Any) -> float:
     return value / reference if reference and math.isfinite(reference) else float("nan")
 
 
+def verdict(met: bool) -> str:
+    """How a note states a target: ``met`` or ``MISSED``."""
+    return "met" if met else "MISSED"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # writing
 # ----------------------------------------------------------------------------------------------------------
@@ -272,6 +277,16 @@ def write_report(out: Any, name: str, title: str, command: str, machine: Mapping
     with atomic_write(path) as tmp:
         tmp.write_text("\n".join(parts).rstrip() + "\n")
     return path
+
+
+def finish(args: argparse.Namespace, reporter: ProgressReporter, name: str, title: str, machine: Mapping[str, Any],
+           sections: Sequence[Section], notes: Sequence[str] = ()) -> int:
+    """Write the report (:func:`write_report`), emit ``done`` and show the markdown to a human; exit code 0."""
+    path = write_report(args.out, name, title, command_line(name), machine, sections, notes)
+    reporter.emit("done", outputs=[str(path)])
+    if reporter.mode != "jsonl":
+        print(path.read_text())
+    return 0
 
 
 def read_csv(path: Any) -> List[Dict[str, str]]:

@@ -13,8 +13,10 @@ MARKER = re.compile(r"(<!-- bench:([\w.-]+) -->\n)(.*?)(<!-- /bench:\2 -->)", re
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="docs/bench", help="folder holding the benchmark .md files (default docs/bench)")
-    parser.add_argument("--doc", default="docs/benchmarks.md", help="document with the markers (default docs/benchmarks.md)")
+    parser.add_argument("--out", default="docs/bench",
+                        help="folder holding the benchmark .md files (default docs/bench)")
+    parser.add_argument("--doc", default="docs/benchmarks.md",
+                        help="document with the markers (default docs/benchmarks.md)")
 
 
 def fill(text: str, folder: Path) -> Tuple[str, List[str], List[str]]:

@@ -128,11 +128,8 @@ def run(args: argparse.Namespace) -> int:
     for row in rows:
         if row["variant"] == "ssl":
             verdict = "larger" if row["beyond_spread"] == "yes" else "NOT larger"
-            notes.append(f"{row['labeled']} labelled cases: SSL - scratch = {row['gain_vs_scratch']:+.3f} Dice, "
-                         f"{verdict} than the seed spread ({row['spread']:.3f}).")
-    path = common.write_report(args.out, "ssl", "Self-supervised pre-training in miniature (phantoms)",
-                               common.command_line("ssl"), machine, [section], notes)
-    reporter.emit("done", outputs=[str(path)])
-    if reporter.mode != "jsonl":
-        print(path.read_text())
-    return 0
+            direction = "better" if row["gain_vs_scratch"] > 0 else "worse"
+            notes.append(f"{row['labeled']} labelled cases: SSL - scratch = {row['gain_vs_scratch']:+.3f} Dice (SSL "
+                         f"{direction}), a difference {verdict} than the seed spread ({row['spread']:.3f}).")
+    return common.finish(args, reporter, "ssl", "Self-supervised pre-training in miniature (phantoms)", machine,
+                         [section], notes)

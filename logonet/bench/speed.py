@@ -31,7 +31,8 @@ PROFILE_COLUMNS: List[common.Column] = [
     ("part", "LoGoNet-S part", ""), ("median_s", "median s", ".3f"), ("share", "share of the parts", ".2f")]
 VARIANT_COLUMNS: List[common.Column] = [
     ("variant", "variant", ""), ("median_s", "forward s (median)", ".3f"), ("speedup", "speed-up vs float32", ".2f"),
-    ("max_abs_diff", "max abs diff vs float32", ".2e"), ("first_call_s", "first call s", ".1f"), ("status", "status", "")]
+    ("max_abs_diff", "max abs diff vs float32", ".2e"), ("first_call_s", "first call s", ".1f"),
+    ("status", "status", "")]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +81,6 @@ def measure_model(spec: str, size: int, out_channels: int, device: torch.device,
             times = common.time_calls(lambda: model(x), device, warmup, runs)
     row.update(forward_s=common.median(times), forward_runs_s=" ".join(f"{t:.3f}" for t in times),
                peak_mib=memory.peak_mib - memory.baseline_mib, status="ok")
-    del model, x
     return row
 
 
@@ -215,20 +215,17 @@ def run(args: argparse.Namespace) -> int:
     notes = []
     swin = next((r for r in rows if r["model"] == "swinunetr" and r.get("status") == "ok"), None)
     if ref and swin:
-        notes.append(f"LoGoNet-S / SwinUNETR-48 forward time: {ref['forward_s'] / swin['forward_s']:.2f}x "
-                     f"(target <= 0.6x on 2 CPU cores; the paper reports 0.87x on a GPU).")
+        value = ref["forward_s"] / swin["forward_s"]
+        notes.append(f"LoGoNet-S / SwinUNETR-48 forward time: {value:.2f}x: target <= 0.6x "
+                     f"{common.verdict(value <= 0.6)} (the paper reports 0.87x on a GPU).")
     if len(sections) > 1:
         local = sections[1].rows[0]
-        notes.append(f"Batched local branch speed-up over the loop: {local['speedup_vs_loop']:.2f}x (target >= 1.3x).")
+        notes.append(f"Batched local branch speed-up over the loop: {local['speedup_vs_loop']:.2f}x: target >= 1.3x "
+                     f"{common.verdict(local['speedup_vs_loop'] >= 1.3)}.")
     if len(sections) > 3:
         by_variant = {r["variant"]: r.get("median_s") for r in sections[3].rows}
         bf16 = common.ratio(by_variant.get("LoGoNet-S bfloat16 autocast"),
                             by_variant.get("SwinUNETR-48 bfloat16 autocast"))
         if bf16 == bf16:  # not NaN
             notes.append(f"Both in bfloat16 autocast: LoGoNet-S / SwinUNETR-48 = {bf16:.2f}x.")
-    path = common.write_report(args.out, "speed", "Speed and size", common.command_line("speed"), machine, sections,
-                               notes)
-    reporter.emit("done", outputs=[str(path)])
-    if reporter.mode != "jsonl":
-        print(path.read_text())
-    return 0
+    return common.finish(args, reporter, "speed", "Speed and size", machine, sections, notes)

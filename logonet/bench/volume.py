@@ -21,7 +21,8 @@ RANDOM_S = "logonet-S-random"
 BTCV_SHAPE, BTCV_SPACING = (512, 512, 120), (0.8, 0.8, 2.5)
 
 TIME_COLUMNS: List[common.Column] = (
-    [("model", "model", ""), ("case", "case", ""), ("overlap", "overlap", ".2f"), ("window_batches", "window batches", "")]
+    [("model", "model", ""), ("case", "case", ""), ("overlap", "overlap", ".2f"),
+     ("window_batches", "window batches", "")]
     + [(f"{key}_s", f"{label} s", ".2f") for key, label in STAGES]
     + [("total_s", "total s (incl. load)", ".2f"), ("peak_mib", "peak MiB", ".0f")])
 MEMORY_COLUMNS: List[common.Column] = (
@@ -192,10 +193,5 @@ def run(args: argparse.Namespace) -> int:
     demo = [r for r in rows if r["model"] == "demo" and r["case"] == "sample"]
     for row in demo:
         notes.append(f"Demo model on the sample CT at overlap {row['overlap']}: {row['total_s']:.1f} s wall "
-                     f"including model load (target < 20 s).")
-    path = common.write_report(args.out, "volume", "Whole-volume segmentation", common.command_line("volume"),
-                               machine, sections, notes)
-    reporter.emit("done", outputs=[str(path)])
-    if reporter.mode != "jsonl":
-        print(path.read_text())
-    return 0
+                     f"including model load: target < 20 s {common.verdict(row['total_s'] < 20.0)}.")
+    return common.finish(args, reporter, "volume", "Whole-volume segmentation", machine, sections, notes)
