@@ -12,9 +12,9 @@ from logonet import cli
 from logonet.data import io
 from logonet.demo import overlay_png, prepare_dataset
 
-#: Regression floor for the bundled demo model's mean Dice on its own training scan (it measures 0.440 there,
+#: Regression floor for the bundled demo model's mean Dice on its own training scan (it measures 0.643 there,
 #: see Resources/Models/demo/REPRODUCE.md). Issue 4's target is 0.85: raise this when a better model is bundled.
-MIN_TRAINING_SCAN_DICE = 0.40
+MIN_TRAINING_SCAN_DICE = 0.60
 
 
 def test_prepare_dataset_is_a_valid_msd_folder(sample_ct, tmp_path):
