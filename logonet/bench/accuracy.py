@@ -84,6 +84,7 @@ def held_out_dice(card: Path, test_data: Path, device: Any) -> Dict[str, float]:
 def run(args: argparse.Namespace) -> int:
     from ..data.labels import BTCV_NAMES
     from ..data.phantom import write_phantom_dataset
+    from ..errors import UserError
     from ..nets import build_model
     from ..nets.complexity import count_parameters, parse_spec
 
@@ -101,19 +102,25 @@ def run(args: argparse.Namespace) -> int:
         test = write_phantom_dataset(work / "test", args.test_cases, size=args.size, seed=TEST_SEED)
         for index, spec in common.iterate_jobs(reporter, specs, "models"):
             reporter.emit("stage", stage="finetune", model=spec)
-            t = time.perf_counter()
-            card = finetune(train, work / f"run{index}", spec, args, epochs, args.seed)
-            train_s = time.perf_counter() - t
-            dice = held_out_dice(card, test, device)
             name, preset = parse_spec(spec)
             kwargs = {"img_size": args.roi} if name in ("unetr", "segresnetvae") else {}
             params = count_parameters(build_model(name, out_channels=len(organs) + 1, preset=preset, **kwargs))
-            rows.append({"model": spec, "params_m": params / 1e6, "train_s": train_s, "mean_dice": dice.pop("mean"),
+            row: Dict[str, Any] = {"model": spec, "params_m": params / 1e6}
+            t = time.perf_counter()
+            try:
+                card = finetune(train, work / f"run{index}", spec, args, epochs, args.seed)
+            except (UserError, RuntimeError, ValueError) as error:  # e.g. a net too deep for --roi: a result
+                rows.append({**row, "status": f"failed: {str(error).splitlines()[0][:100]}"})
+                reporter.emit("warning", message=f"{spec}: {error}")
+                continue
+            row["train_s"] = time.perf_counter() - t
+            dice = held_out_dice(card, test, device)
+            rows.append({**row, "mean_dice": dice.pop("mean"), "status": "ok",
                          **{f"dice_{o.replace(' ', '_')}": d for o, d in dice.items()}})
             common.release_memory()
     columns: List[common.Column] = [("model", "model", ""), ("params_m", "params (M)", ".2f"),
                                     ("train_s", "train s", ".0f"), ("mean_dice", "mean Dice", ".3f")]
-    columns += [(f"dice_{o.replace(' ', '_')}", o, ".2f") for o in organs]
+    columns += [(f"dice_{o.replace(' ', '_')}", o, ".2f") for o in organs] + [("status", "status", "")]
     steps = epochs * args.train_cases
     section = common.Section(
         "Held-out Dice per organ", rows, columns, "accuracy.csv",
@@ -131,7 +138,7 @@ def _ablation_notes(rows: Sequence[Dict[str, Any]]) -> List[str]:
     notes = []
     for preset in ("T", "S", "L"):
         a, b = by_model.get(f"logonet:{preset}"), by_model.get(f"ulkanet:{preset}")
-        if a and b:
+        if a and b and a.get("status") == b.get("status") == "ok":
             notes.append(f"Local+global ablation ({preset}): LoGoNet mean Dice {a['mean_dice']:.3f} vs ULKANet "
                          f"{b['mean_dice']:.3f} (difference {a['mean_dice'] - b['mean_dice']:+.3f}).")
     return notes

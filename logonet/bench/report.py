@@ -1,5 +1,6 @@
 """``logonet bench report``: paste each benchmark's ``<name>.md`` verbatim into a document, between the markers
-``<!-- bench:<name> -->`` and ``<!-- /bench:<name> -->`` (the prose around them is kept). No number is typed by
+``<!-- bench:<name> -->`` and ``<!-- /bench:<name> -->`` (the prose around them is kept); ``<name>`` may name a
+sub-folder (``bench:final/speed`` -> ``OUT/final/speed.md``). No number is typed by
 hand: the tables come from the files the measuring sub-commands wrote.
 """
 from __future__ import annotations
@@ -9,7 +10,7 @@ import re
 from pathlib import Path
 from typing import List, Tuple
 
-MARKER = re.compile(r"(<!-- bench:([\w.-]+) -->\n)(.*?)(<!-- /bench:\2 -->)", re.S)
+MARKER = re.compile(r"(<!-- bench:([\w.-]+(?:/[\w.-]+)*) -->\n)(.*?)(<!-- /bench:\2 -->)", re.S)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
