@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     sections = [
         common.Section("Wall time per stage (s)", rows, TIME_COLUMNS, "volume.csv",
                        note=f"Inputs: {sizes}. Window batches = sliding-window batches of {args.sw_batch} "
-                            "96^3 windows; total = model load + read + resample + infer + resample back + write."),
+                            "windows of the model card's roi_size at its spacing; total = model load + read + resample + infer + resample back + write."),
         common.Section("Peak memory per stage (MiB, whole process)", rows, MEMORY_COLUMNS, "volume_memory.csv",
                        note="Process RSS on CPU (max allocated on CUDA), highest value seen while the stage ran."),
     ]
