@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 -q Testing
 
 bench-quick: $(STAMP)
-	$(VENV)/bin/logonet bench speed --quick --out docs/bench
+	$(VENV)/bin/logonet bench speed --quick --out out/bench
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
