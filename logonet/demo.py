@@ -23,6 +23,7 @@ def prepare_dataset(out: Any, sample: Optional[Mapping[str, str]] = None) -> Pat
     """The demo model's training set: the sample CT and its BTCV label map (organs present only), MSD layout."""
     import SimpleITK as sitk
 
+    from .atomic import write_json_atomic
     from .data import io
     from .data.labels import BTCV_NAMES
     from .data.sample import fetch_sample
@@ -35,7 +36,7 @@ def prepare_dataset(out: Any, sample: Optional[Mapping[str, str]] = None) -> Pat
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(sample["ct"], out / "imagesTr" / "example_ct.nii.gz")
     shutil.copyfile(sample["ct_labels"], out / "labelsTr" / "example_ct.nii.gz")
-    io.write_json_atomic({
+    write_json_atomic({
         "name": "logonet-demo", "description": "TotalSegmentator example_ct (3 mm) with BTCV-schema labels",
         "tensorImageSize": "3D", "modality": {"0": "CT"},
         "labels": {"0": "background", **{str(v): BTCV_NAMES[v] for v in present}},

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from . import __version__
-from .atomic import atomic_write  # noqa: F401  (re-exported: callers written before logonet.atomic)
 from .atomic import ordinary_mode, write_json_atomic
 from .errors import UserError
 

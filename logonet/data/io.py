@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from ..atomic import write_json_atomic  # noqa: F401  (re-exported: part of this module's API)
+from ..atomic import write_json_atomic
 from ..errors import UserError
 
 PathLike = Union[str, "os.PathLike[str]"]

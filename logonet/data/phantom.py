@@ -25,6 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from ..atomic import write_json_atomic
 from ..errors import UserError
 from . import io
 from .labels import BTCV_NAMES
@@ -320,7 +321,7 @@ def write_phantom_dataset(out: io.PathLike, cases: int, size: int = 96, seed: in
         "logonet": {"generator": "logonet phantom", "seed": seed, "size": size, "spacing": list(spacing),
                     "unlabeled": unlabeled},
     }
-    io.write_json_atomic(meta, out / "dataset.json")
+    write_json_atomic(meta, out / "dataset.json")
     return out
 
 

@@ -27,6 +27,7 @@ from typing import Dict, Iterator, List, Optional
 
 import SimpleITK as sitk
 
+from ..atomic import write_json_atomic
 from ..errors import UserError
 from . import io
 from .labels import BTCV_NAMES, totalseg_to_btcv
@@ -260,7 +261,7 @@ def _publish(staged: Path, root: Path) -> None:
     manifest = {"manifest_version": MANIFEST_VERSION, "source": f"{PACKAGE}=={VERSION} (sdist, PyPI)",
                 "sha256": SHA256, "files": FILES,
                 "contents": sorted(str(p.relative_to(staged).as_posix()) for p in files)}
-    io.write_json_atomic(manifest, root / MANIFEST)
+    write_json_atomic(manifest, root / MANIFEST)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .. import modelcard
+from ..atomic import atomic_write
 from ..errors import UserError
 from ..events import ProgressReporter, reporter_for
 from ..nets.pretrain_head import PretrainHead
@@ -195,7 +196,7 @@ def scan_volumes(folder: str, out: Path, reporter: ProgressReporter) -> List[str
             reporter.emit("warning", message=f"skipping {path}: {problem}", path=path)
         else:
             good.append(path)
-    with modelcard.atomic_write(cache_path) as tmp:
+    with atomic_write(cache_path) as tmp:
         tmp.write_text(json.dumps(verdicts, indent=1), encoding="utf-8")
     if not good:
         raise UserError(f"none of the {len(paths)} files in {folder} is a readable 3-D volume; see the warnings")
