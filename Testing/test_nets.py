@@ -123,3 +123,22 @@ def test_packed_conv_pads_for_speed_but_computes_and_counts_the_plain_conv(cin: 
         assert (conv(x) - plain).abs().max().item() < 1e-5
     # fvcore traces the module: the count is the real maths (8 groups x cout x cin x 27 per voxel), no padding.
     assert count_macs(conv, size=4, in_channels=8 * cin) == 4 ** 3 * 8 * cout * cin * 27
+
+
+def test_tiny_feature_maps_are_convolved_in_float32_under_bfloat16_autocast() -> None:
+    """oneDNN's bf16 weight gradient at 2x2x2 maps (a 64^3 crop's bottleneck) sporadically returned 1e30/inf
+    and wrecked training; maps of <= 64 voxels run in float32, larger ones keep the fast bf16 path."""
+    from logonet.nets.layers import PackedConv3d
+
+    torch.manual_seed(0)
+    conv = PackedConv3d(32, 32, 3, padding=1)
+    tiny = torch.randn(2, 32, 2, 2, 2, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_tiny = conv(tiny)
+        out_large = conv(torch.randn(2, 32, 6, 5, 4))
+    assert out_tiny.dtype == torch.float32 and out_large.dtype == torch.bfloat16
+    plain = torch.nn.functional.conv3d(tiny, conv.weight, conv.bias, padding=1)
+    assert (out_tiny - plain).abs().max().item() < 1e-5
+    out_tiny.square().sum().backward()
+    expected, = torch.autograd.grad(plain.square().sum(), conv.weight)
+    assert torch.allclose(conv.weight.grad, expected, rtol=1e-4, atol=1e-4)
