@@ -173,13 +173,42 @@ def test_checkpoint_with_code_is_refused(tmp_path):
 
 def test_nan_loss_step_is_skipped(tmp_path):
     engine = _engine(tmp_path, epochs=1)
-    before = [p.detach().clone() for p in engine.model.parameters()]
+    calls = {"n": 0}
 
     def step(model, batch, device):
-        return _step(model, batch, device) * float("nan")
+        calls["n"] += 1
+        return _step(model, batch, device) * (float("nan") if calls["n"] == 1 else 1.0)
+
+    engine.step_fn = step
+    result = engine.fit()
+    assert all(torch.isfinite(p).all() for p in engine.model.parameters()) and math.isfinite(result.best_value)
+
+
+def test_non_finite_gradient_step_is_skipped_and_a_run_of_them_is_an_error(tmp_path):
+    """A finite loss with an inf gradient (here sqrt at 0) must not reach AdamW, which would turn every weight
+    into NaN; an epoch where no step could be taken stops with advice instead of running on silently."""
+    engine = _engine(tmp_path, epochs=2, reporter=ProgressReporter("none"))
+    calls = {"n": 0}
+
+    def step(model, batch, device):
+        calls["n"] += 1
+        loss = _step(model, batch, device)
+        weight = model.out.weight
+        if calls["n"] == 2:  # one poisoned step in the first epoch: value unchanged, gradient inf
+            return loss + torch.sqrt((weight - weight.detach()).abs()).sum()
+        return loss
 
     engine.step_fn = step
     engine.fit()
+    assert all(torch.isfinite(p).all() for p in engine.model.parameters())
+    assert engine.config.epochs == 2 and (tmp_path / eng.CHECKPOINT_NAME).exists()
+
+    engine = _engine(tmp_path / "diverged", epochs=1)
+    engine.step_fn = lambda model, batch, device: (_step(model, batch, device)
+                                                   + torch.sqrt((model.out.weight - model.out.weight.detach()).abs()).sum())
+    before = [p.detach().clone() for p in engine.model.parameters()]
+    with pytest.raises(UserError, match="diverged.*--lr"):
+        engine.fit()
     assert all(torch.equal(a, b) for a, b in zip(before, engine.model.parameters()))
 
 

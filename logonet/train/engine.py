@@ -584,13 +584,10 @@ class Engine:
                 # A NaN step would poison the weights; skip it and say so (fp16 lets the scaler deal with it).
                 skipped += 1
                 self.reporter.emit("warning", message=f"non-finite loss at {desc}, step skipped")
+            elif not self._backward_and_step(loss):
+                skipped += 1
+                self.reporter.emit("warning", message=f"non-finite gradient at {desc}, step skipped")
             else:
-                self.scaler.scale(loss).backward()
-                if self.config.grad_clip:
-                    self.scaler.unscale_(self.optimizer)
-                    nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
                 total += float(loss.detach())
                 count += 1
                 for key, value in extra.items():
@@ -600,9 +597,27 @@ class Engine:
             if index + 1 < n_batches and self._should_stop():
                 stopped = True
                 break
+        if count == 0 and skipped > 0:
+            # Weights are unchanged by skipped steps, so the last checkpoint is still good to resume from.
+            raise UserError(f"every step of {desc} had a non-finite loss or gradient: the training diverged. "
+                            "Resume with a lower learning rate (--lr) or without mixed precision (--amp off)")
         mean_loss = self._mean_over_ranks(total / max(1, count))
         extras = {k: self._mean_over_ranks(v / max(1, count)) for k, v in extra_sums.items()}
         return mean_loss, extras, stopped
+
+    def _backward_and_step(self, loss: torch.Tensor) -> bool:
+        """Backward, optional norm clipping, optimiser step. False (and no step) when the gradient is not finite:
+        one inf in a bf16 backward would otherwise turn every weight into NaN for the rest of the run."""
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)  # no-op without fp16 scaling
+        max_norm = self.config.grad_clip if self.config.grad_clip else float("inf")
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if not self.scaler.is_enabled() and not torch.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        self.scaler.step(self.optimizer)  # the fp16 scaler skips non-finite steps itself and lowers its scale
+        self.scaler.update()
+        return True
 
     def validate(self) -> Dict[str, float]:
         """Rank 0 runs ``validate_fn`` on the unwrapped model in eval mode; other ranks wait."""
