@@ -75,6 +75,26 @@ def test_training_crops_have_roi_size_unit_range_and_aligned_labels(cases, roi):
     assert liver_seen
 
 
+def test_class_balanced_crops_centre_small_organs_as_often_as_large_ones(cases):
+    """crop_by="classes": each of the 14 classes is the centre of about one crop in 14, the adrenal glands
+    (14 voxels each at this size) included; the foreground/background default almost never centres on them."""
+    values = list(range(1, 14))
+    counts = {}
+    for mode in ("foreground", "classes"):
+        cfg = PreprocessConfig(spacing=PHANTOM_SPACING, roi_size=(8, 8, 8), num_samples=140, crop_by=mode,
+                               flip_prob=0.0, rot90_prob=0.0, intensity_prob=0.0)
+        pipeline = train_transforms(cfg, label_values=values)
+        pipeline.set_random_state(seed=0)
+        crops = pipeline(dict(cases[0]))
+        counts[mode] = np.bincount([int(c["label"][0, 4, 4, 4]) for c in crops], minlength=14)
+    assert counts["classes"].min() >= 3  # ~10 expected; a crop at the border is shifted off its centre
+    assert counts["classes"][12] + counts["classes"][13] >= 10 > 5 > counts["foreground"][12] + counts["foreground"][13]
+    with pytest.raises(UserError, match="crop_by must be one of"):
+        PreprocessConfig(crop_by="organs")
+    with pytest.raises(UserError, match="label values"):
+        train_transforms(PreprocessConfig(crop_by="classes"))
+
+
 def test_intensity_augmentation_still_in_unit_range(cases):
     cfg = PreprocessConfig(spacing=PHANTOM_SPACING, roi_size=(32, 32, 32), num_samples=2, intensity_prob=1.0,
                            intensity_scale=0.5, intensity_shift=0.5)

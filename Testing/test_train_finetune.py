@@ -68,7 +68,7 @@ def test_finetune_learns_then_resumes(two_organ_data, tmp_path, capsys):
     data = two_organ_data
     out = tmp_path / "run"
     code = cli.main(["finetune", str(data), "--out", str(out), "--epochs", "4", "--repeats", "2", "--lr", "5e-3",
-                     "--warmup", "0", *COMMON])
+                     "--warmup", "0", "--crop-by", "classes", *COMMON])
     events = _events(capsys.readouterr().out)
     assert code == 0
     epochs = [e for e in events if e["event"] == "epoch"]
@@ -82,6 +82,7 @@ def test_finetune_learns_then_resumes(two_organ_data, tmp_path, capsys):
         assert card.out_channels == 3 and card.label_names == {1: "spleen", 6: "liver"}
         assert card.label_values == [0, 1, 6]
         assert card.spacing == (3.0, 3.0, 3.0) and card.roi_size == (32, 32, 32)
+        assert card.meta["preprocessing"]["crop_by"] == "classes"
     assert modelcard.load(out / "best").meta["metrics"]["val_mean_dice"] == pytest.approx(best)
     assert modelcard.load(out / "last").meta["training"]["epochs"] == 4
     rows = list(csv.DictReader(open(out / "metrics.csv")))
@@ -116,7 +117,9 @@ def test_finetune_bad_arguments(make_phantom_dataset, tmp_path, capsys):
     assert "multiple of 32" in capsys.readouterr().err
     assert cli.main(["finetune", str(tmp_path / "none"), "--out", str(tmp_path / "b"), *COMMON]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert cli.main(["finetune", str(data), "--out", str(tmp_path / "c"), "--grad-clip", "-1", *COMMON]) == 2
+    assert "--grad-clip must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
 def test_split_cases_is_seeded_and_disjoint():
@@ -152,18 +155,21 @@ def test_torchrun_two_processes_gloo(make_phantom_dataset, tmp_path):
 
 
 def test_remapped_labels_keep_the_deterministic_steps_cacheable(two_organ_data):
-    """Values 1 and 6 become channels 1 and 2, and MONAI's caches still hold every step before the first crop."""
-    from monai.transforms import Randomizable, Transform
+    """Values 1 and 6 become channels 1 and 2 before the crops (class-balanced crops count channels), as one
+    more deterministic step that MONAI's caches hold."""
+    from monai.transforms import MapLabelValued, Randomizable, Transform
 
     from logonet.data.transforms import PreprocessConfig, train_transforms
 
-    cfg = PreprocessConfig(spacing=(3.0, 3.0, 3.0), roi_size=(32, 32, 32), num_samples=1)
+    cfg = PreprocessConfig(spacing=(3.0, 3.0, 3.0), roi_size=(32, 32, 32), num_samples=2, crop_by="classes")
     train_tf, val_tf = finetune.build_transforms(cfg, [1, 6])
     first_random = train_tf.get_index_of_first(lambda t: isinstance(t, Randomizable) or not isinstance(t, Transform))
-    plain = train_transforms(cfg)
-    assert first_random == plain.get_index_of_first(lambda t: isinstance(t, Randomizable)) > 0
+    plain = train_transforms(cfg.__class__(spacing=cfg.spacing, roi_size=cfg.roi_size))
+    assert first_random == plain.get_index_of_first(lambda t: isinstance(t, Randomizable)) + 1
+    assert isinstance(train_tf.transforms[first_random - 1], MapLabelValued)
     case = finetune.discover_cases(str(two_organ_data))[0][0]
     assert set(torch.unique(val_tf(dict(case))["label"]).tolist()) == {0, 1, 2}
+    assert all(set(torch.unique(crop["label"]).tolist()) <= {0, 1, 2} for crop in train_tf(dict(case)))
 
 
 def test_same_seed_same_run(make_phantom_dataset, tmp_path, capsys):

@@ -34,6 +34,10 @@ from ..errors import UserError
 from . import io
 
 KEYS = ("image", "label")
+#: How training crops are centred. "foreground" (MONAI/nnU-Net default): half on labelled voxels, half anywhere
+#: in the body. "classes": each crop's centre is drawn from one class chosen uniformly (background included),
+#: so a 200-voxel adrenal gland is the centre as often as the liver.
+CROP_MODES = ("foreground", "classes")
 
 
 @dataclass
@@ -50,6 +54,7 @@ class PreprocessConfig:
     roi_size: Tuple[int, int, int] = (96, 96, 96)
     crop_foreground: bool = True  # crop to the body (voxels above the window's low end)
     num_samples: int = 4  # random crops per volume and iteration
+    crop_by: str = "foreground"  # "foreground": pos/neg crops; "classes": centres drawn equally per class
     pos: float = 1.0  # RandCropByPosNegLabeld: crops centred on foreground ...
     neg: float = 1.0  # ... vs on background
     flip_prob: float = 0.2  # per axis
@@ -71,6 +76,8 @@ class PreprocessConfig:
             raise UserError(f"roi_size must be positive, got {self.roi_size}")
         if self.num_samples < 1:
             raise UserError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.crop_by not in CROP_MODES:
+            raise UserError(f"crop_by must be one of {list(CROP_MODES)}, got {self.crop_by!r}")
         if self.pos < 0 or self.neg < 0 or self.pos + self.neg <= 0:
             raise UserError(f"pos/neg crop ratio must be non-negative and not both 0, got {self.pos}/{self.neg}")
         for name in ("flip_prob", "rot90_prob", "intensity_prob"):
@@ -151,8 +158,10 @@ __getattr__ = io.lazy_module_attrs(__name__, {"LoadVolumed": _make_load_class})
 
 
 # ------------------------------------------------------------------------------------------ pipelines
-def _deterministic(cfg: PreprocessConfig, keys: Sequence[str], load: bool, pad: bool) -> List[Any]:
-    """Load -> orientation -> spacing -> HU window -> foreground crop (-> pad to roi). Cached by PersistentDataset."""
+def _deterministic(cfg: PreprocessConfig, keys: Sequence[str], load: bool, pad: bool,
+                   label_values: Optional[Sequence[int]] = None) -> List[Any]:
+    """Load -> orientation -> spacing -> HU window -> foreground crop (-> pad to roi) (-> label values to
+    channels 0..K). Cached by PersistentDataset, which stops at the first random transform."""
     from monai import transforms as mt
 
     has_label = "label" in keys
@@ -174,21 +183,43 @@ def _deterministic(cfg: PreprocessConfig, keys: Sequence[str], load: bool, pad: 
     if pad:
         # Small volumes: pad so every random crop is exactly roi_size.
         steps.append(mt.SpatialPadd(keys=list(keys), spatial_size=cfg.roi_size))
+    if has_label and label_values is not None:
+        channels = channel_values(label_values)
+        if channels != list(range(len(channels))):
+            steps.append(mt.MapLabelValued(keys="label", orig_labels=channels, target_labels=list(range(len(channels)))))
     return steps
 
 
-def train_transforms(cfg: PreprocessConfig, keys: Sequence[str] = KEYS) -> Any:
-    """Training pipeline: deterministic part, label-balanced ``num_samples`` crops of ``roi_size``, paper
-    augmentations (flips per axis, rot90, intensity scale/shift), then a clip to [0, 1].
+def channel_values(label_values: Sequence[int]) -> List[int]:
+    """Label values in channel order: background 0, then the foreground ``label_values`` sorted. Datasets may
+    use any values (BTCV without the esophagus skips 5); the network's channel c predicts ``values[c]``."""
+    foreground = sorted({int(v) for v in label_values if int(v) != 0})
+    return [0] + foreground
+
+
+def train_transforms(cfg: PreprocessConfig, keys: Sequence[str] = KEYS,
+                     label_values: Optional[Sequence[int]] = None) -> Any:
+    """Training pipeline: deterministic part, label-guided ``num_samples`` crops of ``roi_size`` (``cfg.crop_by``),
+    paper augmentations (flips per axis, rot90, intensity scale/shift), then a clip to [0, 1].
+
+    label_values: the dataset's foreground values; given, labels become channel indices 0..K
+    (:func:`channel_values`) before cropping. ``crop_by="classes"`` needs them (it must know K).
 
     Output per item: a list of ``num_samples`` dicts, ``image`` (1, *roi_size) float32 in [0, 1] and ``label``
-    (1, *roi_size) float32 label values.
+    (1, *roi_size) float32 (channel indices when ``label_values`` is given, else the file's values).
     """
     from monai import transforms as mt
 
     keys = list(keys)
-    steps = _deterministic(cfg, keys, load=True, pad=True)
-    if "label" in keys:
+    steps = _deterministic(cfg, keys, load=True, pad=True, label_values=label_values)
+    if "label" in keys and cfg.crop_by == "classes":
+        if label_values is None:
+            raise UserError("class-balanced crops need the dataset's label values (train_transforms(label_values=...))")
+        steps.append(mt.RandCropByLabelClassesd(keys=keys, label_key="label", spatial_size=cfg.roi_size,
+                                                num_classes=len(channel_values(label_values)),
+                                                num_samples=cfg.num_samples, image_key="image", image_threshold=0,
+                                                allow_smaller=False, warn=False))
+    elif "label" in keys:
         steps.append(mt.RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=cfg.roi_size,
                                                pos=cfg.pos, neg=cfg.neg, num_samples=cfg.num_samples,
                                                image_key="image", image_threshold=0, allow_smaller=False))
@@ -207,11 +238,13 @@ def train_transforms(cfg: PreprocessConfig, keys: Sequence[str] = KEYS) -> Any:
     return mt.Compose(steps)
 
 
-def val_transforms(cfg: PreprocessConfig, keys: Sequence[str] = KEYS) -> Any:
-    """Validation pipeline: the deterministic part only (whole volume, for sliding-window inference)."""
+def val_transforms(cfg: PreprocessConfig, keys: Sequence[str] = KEYS,
+                   label_values: Optional[Sequence[int]] = None) -> Any:
+    """Validation pipeline: the deterministic part only (whole volume, for sliding-window inference); labels
+    become channel indices when ``label_values`` is given (see :func:`train_transforms`)."""
     from monai import transforms as mt
 
-    return mt.Compose(_deterministic(cfg, list(keys), load=True, pad=False))
+    return mt.Compose(_deterministic(cfg, list(keys), load=True, pad=False, label_values=label_values))
 
 
 def infer_transforms(cfg: PreprocessConfig, load: bool = True) -> Any:

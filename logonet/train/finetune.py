@@ -48,9 +48,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--roi", type=int, nargs="+", default=[DEFAULT_ROI],
                         help="crop / sliding-window size (1 or 3 numbers, multiples of 32)")
     parser.add_argument("--samples", type=int, default=4, help="random crops per volume per step")
+    parser.add_argument("--crop-by", default="foreground", choices=["foreground", "classes"],
+                        help="where crops are centred: foreground (half on labelled voxels, half anywhere in the "
+                             "body) or classes (each class equally often, so small organs are seen as often as "
+                             "the liver)")
     parser.add_argument("--repeats", type=int, default=1, help="passes over the training cases per epoch")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--weight-decay", type=float, default=1e-5)
+    parser.add_argument("--grad-clip", type=float, default=12.0,
+                        help="clip the gradient's global norm to this (nnU-Net's 12; 0: no clipping)")
     parser.add_argument("--warmup", type=int, default=None, help="warmup epochs (default: 10%% of --epochs)")
     parser.add_argument("--batch", type=int, default=1, help="volumes per step (each gives --samples crops)")
     parser.add_argument("--val-fraction", type=float, default=0.2,
@@ -116,19 +122,10 @@ def label_entries(names: Mapping[int, str], values: Sequence[int]) -> List[Dict[
 
 
 def build_transforms(cfg: Any, values: Sequence[int]) -> Tuple[Any, Any]:
-    """(train, val) MONAI pipelines whose labels are channel indices: foreground ``values`` -> 1..K in order
-    (datasets may use any values, e.g. BTCV without esophagus)."""
-    from monai.transforms import Compose, MapLabelValued
-
+    """(train, val) MONAI pipelines whose labels are channel indices: foreground ``values`` -> 1..K in order."""
     from ..data.transforms import train_transforms, val_transforms
 
-    channel_of = {v: c for c, v in enumerate([0] + [int(v) for v in values])}
-    if all(k == v for k, v in channel_of.items()):
-        return train_transforms(cfg), val_transforms(cfg)
-    remap = MapLabelValued(keys="label", orig_labels=list(channel_of), target_labels=list(channel_of.values()))
-    # Flat pipelines: MONAI's caches stop at the first random transform, and a nested Compose counts as one.
-    return (Compose(list(train_transforms(cfg).transforms) + [remap]),
-            Compose(list(val_transforms(cfg).transforms) + [remap]))
+    return train_transforms(cfg, label_values=values), val_transforms(cfg, label_values=values)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -184,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {args.epochs}")
+    if args.grad_clip < 0:
+        raise UserError(f"--grad-clip must be >= 0 (0: off), got {args.grad_clip}")
     roi = eng.roi_argument(args.roi, DEFAULT_ROI)
     eng.check_output_folder(out, args.resume, "training run")
 
@@ -205,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = PreprocessConfig(
         spacing=eng.triple_argument(args.spacing, "spacing", defaults.spacing),
         intensity_window=tuple(args.window) if args.window else defaults.intensity_window,
-        roi_size=roi, num_samples=args.samples, cache_dir=None,
+        roi_size=roi, num_samples=args.samples, crop_by=args.crop_by, cache_dir=None,
         **({"flip_prob": 0.0, "rot90_prob": 0.0, "intensity_prob": 0.0} if args.no_augment else {}))
 
     dist = eng.setup_distributed(args.device)
@@ -248,6 +247,7 @@ def run(args: argparse.Namespace) -> int:
 
         warmup = args.warmup if args.warmup is not None else max(0, int(round(0.1 * args.epochs)))
         config = eng.TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                                 grad_clip=args.grad_clip or None,
                                  warmup_epochs=warmup, amp=args.amp, seed=args.seed, val_every=args.val_every)
         validator = make_validator(val_items, roi, n_classes, [e["name"] for e in entries], args.overlap,
                                    eng.resolve_amp(args.amp, dist.device), reporter)
