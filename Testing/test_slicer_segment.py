@@ -156,6 +156,24 @@ def test_corrupt_model_gives_readable_error_and_no_node(logic_env, tmp_path):
     assert scene_node_ids(mrml.scene) == before
 
 
+def test_hand_broken_model_lists_do_not_stop_the_module(tmp_path, caplog):
+    """A registry or catalog file that is not JSON, or JSON of the wrong shape, is skipped with a log line; the
+    module still lists what it can and can register models again."""
+    from LoGoNetLib.catalog import ModelCatalog
+
+    card = write_fake_card(tmp_path / "organs", LABELS)
+    catalog_file = tmp_path / "catalog.json"
+    catalog_file.write_text("{not json", encoding="utf-8")
+    catalog = ModelCatalog(home=tmp_path / "home", catalog_file=catalog_file)
+    for broken in ("[1, 2]", '{"models": {"a": 1}}', '{"models": [3, {"id": "x"}, {"path": 5}]}'):
+        catalog.registry_file.parent.mkdir(parents=True, exist_ok=True)
+        catalog.registry_file.write_text(broken, encoding="utf-8")
+        assert catalog.models() == []
+    assert "ignoring the model list" in caplog.text
+    entry = catalog.register(card, title="Organs")
+    assert [e.id for e in catalog.models()] == [entry.id] and catalog.find(entry.id).usable
+
+
 def test_worker_error_line_becomes_the_message(logic_env, tmp_path):
     mrml, logic, card, volume, _, _ = logic_env
     from LoGoNetLib.segmentlogic import LoGoNetError

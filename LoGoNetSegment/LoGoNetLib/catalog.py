@@ -13,6 +13,7 @@ broken card is listed with its problem instead of crashing the module.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -103,6 +104,23 @@ class ModelEntry:
         return text
 
 
+def _model_items(path: Path) -> List[Dict]:
+    """The ``{"models": [{"path": ..., ...}]}`` entries of a catalog or registry file. A missing, unreadable or
+    hand-broken file gives no entries (logged) rather than a module that cannot open."""
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        logging.warning("LoGoNet: ignoring the model list %s: %s", path, error)
+        return []
+    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(models, list):
+        logging.warning('LoGoNet: ignoring the model list %s: expected {"models": [...]}', path)
+        return []
+    return [item for item in models if isinstance(item, dict) and isinstance(item.get("path"), str)]
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "model"
 
@@ -135,17 +153,14 @@ class ModelCatalog:
     def bundled(self) -> List[ModelEntry]:
         if not self.catalog_file.is_file():
             return []
-        data = json.loads(self.catalog_file.read_text(encoding="utf-8"))
+        items = _model_items(self.catalog_file)
         base = self.catalog_file.parent
-        return [self._entry(item["id"], item.get("title", item["id"]), base / item["path"], "bundled",
-                            item.get("description", "")) for item in data.get("models", [])]
+        return [self._entry(str(item.get("id") or _slug(str(item["path"]))), str(item.get("title") or item["path"]),
+                            base / str(item["path"]), "bundled", str(item.get("description") or ""))
+                for item in items]
 
     def _registry(self) -> List[Dict]:
-        try:
-            data = json.loads(self.registry_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return []
-        return [item for item in data.get("models", []) if isinstance(item, dict) and "path" in item]
+        return _model_items(self.registry_file)
 
     def models(self, include_unusable: bool = True) -> List[ModelEntry]:
         """Every known model, bundled first; ids are unique."""
