@@ -212,6 +212,18 @@ def test_non_finite_gradient_step_is_skipped_and_a_run_of_them_is_an_error(tmp_p
     assert all(torch.equal(a, b) for a, b in zip(before, engine.model.parameters()))
 
 
+def test_gpu_out_of_memory_in_training_says_what_to_change(tmp_path):
+    """Simulated on the CPU: the step raises CUDA's OutOfMemoryError; the user gets the knobs, not a traceback."""
+    engine = _engine(tmp_path, epochs=1)
+
+    def step(model, batch, device):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    engine.step_fn = step
+    with pytest.raises(UserError, match=r"ran out of memory at epoch 1/1: use a smaller --roi.*--resume"):
+        engine.fit()
+
+
 def test_load_matching_skips_head_and_mismatches():
     src = Toy()
     state = dict(src.state_dict())

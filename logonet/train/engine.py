@@ -570,25 +570,17 @@ class Engine:
         for index, batch in enumerate(self.reporter.iterate(self.train_loader, total=n_batches, desc=desc)):
             self.optimizer.zero_grad(set_to_none=True)
             try:
-                with autocast(self.device, self.amp_dtype):
-                    out = self.step_fn(self.train_model, batch, self.device)
-            except ValueError as error:
-                if "more than 1 value per channel" not in str(error):
-                    raise
-                # BatchNorm saw one value per channel: one crop whose deepest feature map is 1 voxel.
-                raise UserError("a training step holds one crop and the network's deepest feature map is a "
-                                "single voxel, so batch normalisation cannot train; use more crops per step "
-                                "(--samples 2 or --batch 2) or a larger --roi") from error
-            loss, extra = out if isinstance(out, tuple) else (out, {})
-            if not torch.isfinite(loss.detach()).all() and not self.scaler.is_enabled():
-                # A NaN step would poison the weights; skip it and say so (fp16 lets the scaler deal with it).
+                taken = self._train_step(batch, desc)
+            except torch.cuda.OutOfMemoryError as error:
+                self.optimizer.zero_grad(set_to_none=True)
+                raise UserError(f"the GPU ran out of memory at {desc}: use a smaller --roi, fewer crops per step "
+                                "(--samples, --batch) or mixed precision (--amp auto, the default on a GPU); the checkpoint of the last "
+                                "finished epoch is kept, so --resume continues from it") from error
+            if taken is None:
                 skipped += 1
-                self.reporter.emit("warning", message=f"non-finite loss at {desc}, step skipped")
-            elif not self._backward_and_step(loss):
-                skipped += 1
-                self.reporter.emit("warning", message=f"non-finite gradient at {desc}, step skipped")
             else:
-                total += float(loss.detach())
+                loss_value, extra = taken
+                total += loss_value
                 count += 1
                 for key, value in extra.items():
                     extra_sums[key] = extra_sums.get(key, 0.0) + float(value)
@@ -604,6 +596,28 @@ class Engine:
         mean_loss = self._mean_over_ranks(total / max(1, count))
         extras = {k: self._mean_over_ranks(v / max(1, count)) for k, v in extra_sums.items()}
         return mean_loss, extras, stopped
+
+    def _train_step(self, batch: Any, desc: str) -> Optional[Tuple[float, Dict[str, Any]]]:
+        """Forward, backward and optimiser step on one batch: (loss, extra metrics), or None when skipped."""
+        try:
+            with autocast(self.device, self.amp_dtype):
+                out = self.step_fn(self.train_model, batch, self.device)
+        except ValueError as error:
+            if "more than 1 value per channel" not in str(error):
+                raise
+            # BatchNorm saw one value per channel: one crop whose deepest feature map is 1 voxel.
+            raise UserError("a training step holds one crop and the network's deepest feature map is a "
+                            "single voxel, so batch normalisation cannot train; use more crops per step "
+                            "(--samples 2 or --batch 2) or a larger --roi") from error
+        loss, extra = out if isinstance(out, tuple) else (out, {})
+        if not torch.isfinite(loss.detach()).all() and not self.scaler.is_enabled():
+            # A NaN step would poison the weights; skip it and say so (fp16 lets the scaler deal with it).
+            self.reporter.emit("warning", message=f"non-finite loss at {desc}, step skipped")
+            return None
+        if not self._backward_and_step(loss):
+            self.reporter.emit("warning", message=f"non-finite gradient at {desc}, step skipped")
+            return None
+        return float(loss.detach()), extra
 
     def _backward_and_step(self, loss: torch.Tensor) -> bool:
         """Backward, optional norm clipping, optimiser step. False (and no step) when the gradient is not finite:
