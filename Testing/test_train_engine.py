@@ -138,6 +138,34 @@ def test_resume_continues_from_saved_epoch_and_matches_uninterrupted(tmp_path):
     assert result.history[-1]["loss"] == pytest.approx(full.history[-1]["loss"], rel=1e-5)
 
 
+def test_resume_redraws_the_same_monai_random_augmentations(tmp_path):
+    """MONAI transforms keep their own RandomState, outside the checkpoint: the engine re-seeds them per epoch,
+    so a run stopped after epoch 2 and resumed draws the same noise as an unstopped one."""
+    from monai.transforms import Compose, RandGaussianNoise
+
+    def run(folder, stop_after=None, resume=False):
+        noise = Compose([RandGaussianNoise(prob=1.0, std=0.5)])
+        engine = _engine(folder, epochs=4)
+        engine.random_transforms = noise
+        calls = {"n": 0}
+
+        def step(model, batch, device):
+            calls["n"] += 1
+            if stop_after and calls["n"] == stop_after * engine.steps_per_epoch:
+                engine.request_stop(signal.SIGTERM)
+            x, y = batch
+            return nn.functional.mse_loss(model(torch.as_tensor(noise(x.numpy()))), y)
+
+        engine.step_fn = step
+        return engine.fit(resume=resume)
+
+    full = run(tmp_path / "full")
+    assert run(tmp_path / "split", stop_after=2).interrupted
+    resumed = run(tmp_path / "split", resume=True)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
+    assert [r["loss"] for r in resumed.history] == pytest.approx([r["loss"] for r in full.history], rel=1e-5)
+
+
 def test_sigterm_mid_epoch_saves_and_returns(tmp_path):
     engine = _engine(tmp_path, epochs=3)
 

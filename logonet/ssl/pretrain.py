@@ -279,7 +279,6 @@ def run(args: argparse.Namespace) -> int:
 
         items = [{"image": path} for path in volumes]
         transform = train_transforms(cfg, keys=("image",))
-        transform.set_random_state(seed=args.seed + dist.rank)  # MONAI's random crops: repeatable for a seed
         dataset = eng.RepeatDataset(eng.training_dataset(items, transform, args.cache, out / "cache", args.workers),
                                     args.repeats)
         loader = eng.make_loader(dataset, batch_size=args.batch, shuffle=True, dist=dist, seed=args.seed,
@@ -313,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
                 metrics={"loss": metrics.get("loss"), "cluster_acc": metrics.get("cluster_acc")})
 
         trainer = eng.Engine(model, config, out, step_fn=step, train_loader=loader, save_fn=save,
-                             reporter=reporter, dist=dist)
+                             reporter=reporter, dist=dist, random_transforms=transform)
         result = trainer.fit(resume=args.resume)
         if result.interrupted:
             return 130

@@ -392,13 +392,15 @@ class Engine:
     keeps plain BatchNorm because SyncBatchNorm needs a GPU, and DDP broadcasts rank 0's buffers instead).
     ``step_fn`` receives the wrapped model (so gradients synchronise); ``validate_fn`` and ``save_fn`` the
     unwrapped one, on rank 0 only. Output files in ``out_dir``: ``checkpoint.pt``, ``metrics.csv``,
-    ``metrics.png`` (+ whatever ``save_fn`` writes).
+    ``metrics.png`` (+ whatever ``save_fn`` writes). ``random_transforms`` (a MONAI ``Compose``) is re-seeded
+    at every epoch from the seed, rank and epoch, so resuming repeats the crops an unstopped run would draw.
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, out_dir: Union[str, Path], *, step_fn: StepFn,
                  train_loader: Any, validate_fn: Optional[ValidateFn] = None, save_fn: Optional[SaveFn] = None,
                  reporter: Optional[ProgressReporter] = None, dist: Optional[DistContext] = None,
-                 params: Optional[List[nn.Parameter]] = None) -> None:
+                 params: Optional[List[nn.Parameter]] = None,
+                 random_transforms: Optional[Any] = None) -> None:
         if config.epochs < 1:
             raise UserError(f"epochs must be at least 1, got {config.epochs}")
         self.config = config
@@ -409,6 +411,7 @@ class Engine:
         self.validate_fn = validate_fn
         self.save_fn = save_fn
         self.train_loader = train_loader
+        self.random_transforms = random_transforms
         quiet = ProgressReporter("none")
         self.reporter = (reporter or quiet) if self.dist.is_main else quiet
         self.amp_dtype = resolve_amp(config.amp, self.device)
@@ -658,6 +661,10 @@ class Engine:
         with self._signals():
             while epoch < epochs:
                 t0 = time.monotonic()
+                if self.random_transforms is not None:
+                    # Seeded per epoch (MONAI keeps its own RandomState per transform, outside the checkpoint's
+                    # RNG states): a resumed run draws the same crops as one that was never stopped.
+                    self.random_transforms.set_random_state(seed=self.config.seed + self.dist.rank + 7919 * epoch)
                 loss, extras, stopped = self.train_epoch(epoch)
                 if stopped:
                     interrupted = True

@@ -215,7 +215,6 @@ def run(args: argparse.Namespace) -> int:
         reporter.emit("stage", stage="data", train_cases=len(train_cases), val_cases=len(val_cases),
                       classes=n_classes)
         train_tf, val_tf = build_transforms(cfg, values)
-        train_tf.set_random_state(seed=args.seed + dist.rank)  # MONAI's random crops: repeatable for a seed
         cached = eng.training_dataset(train_cases, train_tf, args.cache, out / "cache", args.workers)
         train_ds = eng.RepeatDataset(cached, args.repeats)
         loader = eng.make_loader(train_ds, batch_size=args.batch, shuffle=True, dist=dist, seed=args.seed,
@@ -274,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
                 dtype=torch.float16 if args.fp16_weights else None)
 
         trainer = eng.Engine(model, config, out, step_fn=step, train_loader=loader, validate_fn=validator,
-                             save_fn=save, reporter=reporter, dist=dist)
+                             save_fn=save, reporter=reporter, dist=dist, random_transforms=train_tf)
         result = trainer.fit(resume=args.resume)
         if result.interrupted:
             return 130
