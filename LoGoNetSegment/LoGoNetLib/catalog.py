@@ -151,8 +151,6 @@ class ModelCatalog:
         return entry
 
     def bundled(self) -> List[ModelEntry]:
-        if not self.catalog_file.is_file():
-            return []
         items = _model_items(self.catalog_file)
         base = self.catalog_file.parent
         return [self._entry(str(item.get("id") or _slug(str(item["path"]))), str(item.get("title") or item["path"]),

@@ -185,8 +185,9 @@ def _deterministic(cfg: PreprocessConfig, keys: Sequence[str], load: bool, pad: 
         steps.append(mt.SpatialPadd(keys=list(keys), spatial_size=cfg.roi_size))
     if has_label and label_values is not None:
         channels = channel_values(label_values)
-        if channels != list(range(len(channels))):
-            steps.append(mt.MapLabelValued(keys="label", orig_labels=channels, target_labels=list(range(len(channels)))))
+        indices = list(range(len(channels)))
+        if channels != indices:
+            steps.append(mt.MapLabelValued(keys="label", orig_labels=channels, target_labels=indices))
     return steps
 
 

@@ -575,10 +575,10 @@ class Engine:
             try:
                 taken = self._train_step(batch, desc)
             except torch.cuda.OutOfMemoryError as error:
-                self.optimizer.zero_grad(set_to_none=True)
                 raise UserError(f"the GPU ran out of memory at {desc}: use a smaller --roi, fewer crops per step "
-                                "(--samples, --batch) or mixed precision (--amp auto, the default on a GPU); the checkpoint of the last "
-                                "finished epoch is kept, so --resume continues from it") from error
+                                "(--samples, --batch) or mixed precision (--amp auto, the default on a GPU); "
+                                "the checkpoint of the last finished epoch is kept, so --resume continues from it"
+                                ) from error
             if taken is None:
                 skipped += 1
             else:
@@ -630,8 +630,7 @@ class Engine:
         max_norm = self.config.grad_clip if self.config.grad_clip else float("inf")
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if not self.scaler.is_enabled() and not torch.isfinite(norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            return False
+            return False  # the next step starts with zero_grad
         self.scaler.step(self.optimizer)  # the fp16 scaler skips non-finite steps itself and lowers its scale
         self.scaler.update()
         return True
