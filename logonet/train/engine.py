@@ -48,6 +48,9 @@ SaveFn = Callable[[str, nn.Module, int, Dict[str, float]], None]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_CSV = "metrics.csv"
+#: A file of this name in the output folder asks a running fit to checkpoint and stop (Slicer's Stop writes it).
+STOP_FILE = "STOP"
+STOP_BY_FILE = -1  # the stop "signal" recorded when the request came from STOP_FILE
 METRICS_PNG = "metrics.png"
 
 
@@ -376,6 +379,10 @@ class TrainConfig:
     find_unused_parameters: bool = False
 
 
+class _StopRequested(Exception):
+    """Raised inside ``validate_fn``'s case loop to end a validation that a stop request interrupted."""
+
+
 @dataclass
 class FitResult:
     epochs_done: int
@@ -440,6 +447,7 @@ class Engine:
         self.best_epoch: Optional[int] = None
         self.history: List[Dict[str, Any]] = []
         self._stop_signal: Optional[int] = None
+        self.validation_stopped = False  # the last validate() was ended by a stop request
 
     # -- state -------------------------------------------------------------------------------------------
     @property
@@ -527,8 +535,44 @@ class Engine:
         """Ask the loop to checkpoint and stop at the next step boundary (what a signal does)."""
         self._stop_signal = signum
 
+    @property
+    def stop_file(self) -> Path:
+        """Creating this file asks the run to checkpoint and stop, like SIGINT, on every OS (a GUI cannot
+        signal a windowless child on Windows); it is checked at every step and between validation cases."""
+        return self.out_dir / STOP_FILE
+
+    def _stop_requested(self) -> bool:
+        if self._stop_signal is None and self.stop_file.exists():
+            self._stop_signal = STOP_BY_FILE
+        return self._stop_signal is not None
+
+    @contextlib.contextmanager
+    def _validation_stops(self) -> Iterator[None]:
+        """While validating, the reporter's per-case loop (``reporter.iterate``) ends the validation with
+        :class:`_StopRequested` once a stop is requested, instead of finishing every case first."""
+        reporter, original = self.reporter, self.reporter.iterate
+
+        def iterate(items: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
+            for item in original(items, *args, **kwargs):
+                if self._stop_requested():
+                    raise _StopRequested()
+                yield item
+
+        own = "iterate" in vars(reporter)
+        reporter.iterate = iterate  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            if own:
+                reporter.iterate = original  # type: ignore[method-assign]
+            else:
+                del reporter.iterate  # back to the class's method
+
     def _should_stop(self) -> bool:
-        flag = 1.0 if self._stop_signal is not None else 0.0
+        return self._any_rank(self._stop_requested())
+
+    def _any_rank(self, value: bool) -> bool:
+        flag = 1.0 if value else 0.0
         if self.dist.distributed:
             import torch.distributed as tdist
 
@@ -537,6 +581,9 @@ class Engine:
             tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
             flag = float(t.item())
         return flag > 0
+
+    def _stop_reason(self) -> str:
+        return "on request (stop file)" if self._stop_signal == STOP_BY_FILE else f"by signal {self._stop_signal}"
 
     # -- loop --------------------------------------------------------------------------------------------
     def _better(self, value: float) -> bool:
@@ -636,13 +683,19 @@ class Engine:
         return True
 
     def validate(self) -> Dict[str, float]:
-        """Rank 0 runs ``validate_fn`` on the unwrapped model in eval mode; other ranks wait."""
+        """Rank 0 runs ``validate_fn`` on the unwrapped model in eval mode; other ranks wait. A stop request
+        (signal or stop file) ends it between cases: then :attr:`validation_stopped` is set and ``{}`` returned."""
         metrics: Dict[str, float] = {}
+        self.validation_stopped = False
         if self.validate_fn is not None and self.dist.is_main:
             self.model.eval()
-            with torch.no_grad():
-                metrics = dict(self.validate_fn(self.model, self.device))
-            self.model.train()
+            try:
+                with torch.no_grad(), self._validation_stops():
+                    metrics = dict(self.validate_fn(self.model, self.device))
+            except _StopRequested:
+                self.validation_stopped, metrics = True, {}
+            finally:
+                self.model.train()
         self._barrier()
         return metrics
 
@@ -657,6 +710,9 @@ class Engine:
                            world_size=self.dist.world_size, amp=str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off")
         interrupted = False
         epoch = self.start_epoch
+        if self.dist.is_main:
+            self.stop_file.unlink(missing_ok=True)  # a stale request from an earlier run must not stop this one
+        self._barrier()
         with self._signals():
             while epoch < epochs:
                 t0 = time.monotonic()
@@ -671,13 +727,21 @@ class Engine:
                     # schedule goes back to the epoch's start so a stop does not shift the learning-rate curve.
                     self._rewind_schedule(epoch)
                     self.save(epoch)
-                    self.reporter.emit("warning", message=f"stopped by signal {self._stop_signal}; "
+                    self.reporter.emit("warning", message=f"stopped {self._stop_reason()}; "
                                                           "resume with --resume")
                     break
                 row: Dict[str, Any] = {"epoch": epoch + 1, "loss": loss, **extras,
                                        "lr": self.optimizer.param_groups[0]["lr"]}
                 if (epoch + 1) % max(1, self.config.val_every) == 0 or epoch + 1 == epochs:
                     row.update(self.validate())
+                    if self._any_rank(self.validation_stopped):
+                        # Stopped during validation: as for a stop inside the epoch, the epoch is redone on resume.
+                        interrupted = True
+                        self._rewind_schedule(epoch)
+                        self.save(epoch)
+                        self.reporter.emit("warning", message=f"stopped {self._stop_reason()} during validation; "
+                                                              "resume with --resume")
+                        break
                 row["time_s"] = round(time.monotonic() - t0, 3)
                 value = row.get(self.config.monitor)
                 improved = isinstance(value, (int, float)) and math.isfinite(value) and self._better(float(value))
@@ -701,7 +765,7 @@ class Engine:
                 self._barrier()
                 if self._should_stop():
                     interrupted = True
-                    self.reporter.emit("warning", message=f"stopped by signal {self._stop_signal}; "
+                    self.reporter.emit("warning", message=f"stopped {self._stop_reason()}; "
                                                           "resume with --resume")
                     break
         return FitResult(epochs_done=epoch, best_value=self.best_value, best_epoch=self.best_epoch,
