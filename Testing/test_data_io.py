@@ -219,17 +219,17 @@ def test_read_image_errors_say_what_is_wrong(tmp_path: Path):
 
 def test_write_labelmap_rejects_bad_labels(tmp_path: Path):
     reference = oblique_image(np.zeros((4, 5, 6), dtype=np.int16))
-    with pytest.raises(ValueError, match=r"shape \(6, 5, 4\) does not match .* \(4, 5, 6\)"):
+    with pytest.raises(UserError, match=r"shape \(6, 5, 4\) does not match .* \(4, 5, 6\)"):
         io.write_labelmap(np.zeros((6, 5, 4), np.uint8), reference, tmp_path / "a.nii.gz")
-    with pytest.raises(ValueError, match="whole numbers"):
+    with pytest.raises(UserError, match="whole numbers"):
         io.write_labelmap(np.full((4, 5, 6), 0.5), reference, tmp_path / "a.nii.gz")
-    with pytest.raises(ValueError, match=">= 0"):
+    with pytest.raises(UserError, match=">= 0"):
         io.write_labelmap(np.full((4, 5, 6), -1), reference, tmp_path / "a.nii.gz")
     with pytest.raises(UserError, match="must end in one of"):
         io.write_labelmap(np.zeros((4, 5, 6), np.uint8), reference, tmp_path / "a.png")
     other = oblique_image(np.zeros((4, 5, 6), dtype=np.uint8))
     other.SetOrigin((0.0, 0.0, 0.0))
-    with pytest.raises(ValueError, match="not on the reference grid"):
+    with pytest.raises(UserError, match="not on the reference grid"):
         io.write_labelmap(other, reference, tmp_path / "a.nii.gz")
     assert not list(tmp_path.iterdir()), "a refused write must leave nothing behind"
     # Large label values switch to 16 bits.

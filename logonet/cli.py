@@ -1,4 +1,4 @@
-"""The ``logonet`` command line: ``logonet segment | finetune | pretrain | evaluate | sample | phantom | bench | demo``.
+"""The ``logonet`` command line: ``logonet segment | finetune | pretrain | evaluate | sample | phantom | synth | bench | demo``.
 
 Each sub-command lives in the module that does its work and exposes two functions:
 ``configure(parser)`` adds its arguments and ``run(args) -> int`` does the job. This file only dispatches,
@@ -22,6 +22,7 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "evaluate": ("logonet.evaluate", "per-organ Dice and 95th-percentile Hausdorff distance of a prediction against a reference"),
     "sample": ("logonet.data.sample", "fetch the sample CTs (offline-safe, via pip) and print where they are"),
     "phantom": ("logonet.data.phantom", "write synthetic abdominal CT phantoms in MSD layout"),
+    "synth": ("logonet.data.synth", "synthetic labelled CTs from real TotalSegmentator label maps (MSD layout)"),
     "bench": ("logonet.bench", "speed, size and accuracy benchmarks against the paper's peers"),
     "demo": ("logonet.demo", "fetch the sample CT, segment it with the demo model, report Dice and time"),
 }
@@ -57,16 +58,33 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv[1:])
     try:
         return int(module.run(args) or 0)  # type: ignore[attr-defined]
-    except (UserError, FileNotFoundError, ValueError) as error:
-        if getattr(args, "progress", None) == "jsonl":  # a driving program (Slicer) reads the reason from here
-            from .events import ProgressReporter
+    except UserError as error:
+        return _fail(argv[0], args, str(error))
+    except OSError as error:
+        # The machine or the paths, not a bug: a full disk, a read-only mount, a missing permission.
+        from .atomic import USER_OS_ERRNOS, os_reason
 
-            ProgressReporter("jsonl").emit("error", message=str(error))
-        print(f"logonet {argv[0]}: error: {error}", file=sys.stderr)
-        return 2
+        if error.errno not in USER_OS_ERRNOS:
+            raise
+        where = f"{error.filename}: " if error.filename else ""
+        return _fail(argv[0], args, f"{where}{os_reason(error)}")
     except KeyboardInterrupt:
         print("logonet: interrupted", file=sys.stderr)
         return 130
+
+
+def _fail(command: str, args: argparse.Namespace, message: str) -> int:
+    """The one boundary for expected failures: one line on stderr, a JSON ``error`` event, exit code 2.
+
+    Anything else (a bug) keeps its traceback.
+    """
+    message = " ".join(message.split()) or "failed"
+    if getattr(args, "progress", None) == "jsonl":  # a driving program (Slicer) reads the reason from here
+        from .events import ProgressReporter
+
+        ProgressReporter("jsonl").emit("error", message=message)
+    print(f"logonet {command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

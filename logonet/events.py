@@ -8,7 +8,8 @@ With ``--progress jsonl`` long work prints one JSON object per line on stdout::
 (numbers or strings). Well-known events: ``start``, ``stage`` (a named phase began, key ``stage``),
 ``progress`` (a step of the current stage), ``epoch`` (end of a training epoch: ``loss``, optional ``dice``),
 ``checkpoint`` (``path``), ``warning`` (``message``), ``done`` (``outputs``/timings), ``error`` (``message``).
-Without ``--progress jsonl`` a human gets tqdm bars on stderr and log lines instead.
+Without ``--progress jsonl`` a human gets tqdm bars on stderr and log lines instead. ``warning`` events
+always reach stderr, also with ``--progress none`` and off a terminal (a skipped file must never go unsaid).
 """
 from __future__ import annotations
 
@@ -57,6 +58,9 @@ class ProgressReporter:
     def emit(self, event: str, step: Optional[int] = None, total: Optional[int] = None, **metrics: Any) -> None:
         """Report one event. In human mode only ``warning``, ``error``, ``stage``, ``epoch`` and ``done`` print."""
         if self.mode == "none":
+            if event == "warning":  # silence is for progress, never for what went wrong
+                sys.stderr.write(f"[logonet] warning: {metrics.get('message', '')}".rstrip() + "\n")
+                sys.stderr.flush()
             return
         if self.mode == "jsonl":
             record: Dict[str, Any] = {"event": event}

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from ..atomic import write_json_atomic
+from ..atomic import atomic_write
 from ..errors import UserError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -112,8 +112,84 @@ def _check_volume(image: sitk.Image, path: PathLike) -> sitk.Image:
     return image
 
 
+def _dicom_tag(reader: Any, key: str, index: Optional[int] = None) -> str:
+    """A DICOM tag as text ('' when absent) from a file reader or (with ``index``) a series reader."""
+    try:
+        if index is None:
+            return reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""
+        return reader.GetMetaData(index, key).strip() if reader.HasMetaDataKey(index, key) else ""
+    except RuntimeError:
+        return ""
+
+
+def describe_dicom_series(series: Sequence[Tuple[str, List[str]]]) -> List[str]:
+    """One line per series: UID, modality, description, slice size and count (read from its first file)."""
+    lines = []
+    for uid, files in series:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(files[0])
+        size, what = "", ""
+        try:
+            reader.ReadImageInformation()
+            size = "x".join(str(v) for v in reader.GetSize()[:2])
+            what = " ".join(t for t in (_dicom_tag(reader, "0008|0060"), _dicom_tag(reader, "0008|103e")) if t)
+        except RuntimeError:
+            pass
+        lines.append(f"{uid} ({what + ', ' if what else ''}{size + ' x ' if size else ''}{len(files)} slices)")
+    return lines
+
+
+def _unlisted_dicom_files(folder: Path, series: Sequence[Tuple[str, List[str]]]) -> List[str]:
+    """Files that look like DICOM slices (``DICM`` magic or a .dcm name) but belong to no readable series:
+    GDCM drops such a corrupt slice silently, which would shift every slice after it."""
+    listed = {os.path.realpath(f) for _, files in series for f in files}
+    bad = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith(".") or entry.name.upper() == "DICOMDIR" or not entry.is_file():
+            continue
+        if os.path.realpath(entry) in listed:
+            continue
+        if entry.suffix.lower() in (".dcm", ".ima") or is_dicom_file(entry):
+            bad.append(entry.name)
+    return bad
+
+
+def _check_slice_positions(reader: Any, files: Sequence[str], image: sitk.Image, folder: Path) -> None:
+    """Refuse a series whose slices are not evenly spaced along the slice normal (a missing or duplicated
+    slice): ITK would average the spacing and place every organ at the wrong height."""
+    if len(files) < 3:
+        return
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    normal = direction[:, 2]
+    heights = []
+    for index in range(len(files)):
+        text = _dicom_tag(reader, "0020|0032", index)
+        try:
+            position = [float(v) for v in text.split("\\")]
+        except ValueError:
+            return  # no usable positions: nothing to compare
+        if len(position) != 3:
+            return
+        heights.append(float(np.dot(position, normal)))
+    steps = np.diff(heights)
+    step = float(np.median(np.abs(steps)))
+    if step <= 0:
+        raise UserError(f"{folder}: DICOM slices share one position (duplicated slices); keep one copy of each")
+    for i, gap in enumerate(np.abs(steps)):
+        if abs(gap - step) > 0.2 * step:
+            a, b = Path(files[i]).name, Path(files[i + 1]).name
+            kind = "slice(s) missing" if gap > step else "an extra or duplicated slice"
+            raise UserError(f"{folder}: {kind} between {a} and {b} (step {gap:.3g} mm where the series steps "
+                            f"{step:.3g} mm); give the complete series")
+
+
 def read_dicom_series(folder: PathLike, series_uid: Optional[str] = None) -> sitk.Image:
-    """Read one DICOM series from ``folder`` (the largest one unless ``series_uid`` is given)."""
+    """Read one DICOM series from ``folder``.
+
+    A folder with several series is refused unless ``series_uid`` names one (guessing silently segmented the
+    wrong scan); a corrupt slice (DICOM file GDCM cannot parse) or a gap in the slice positions is refused
+    with the file named, instead of ITK dropping it and averaging the spacing.
+    """
     folder = Path(folder)
     series = dicom_series(folder)
     if not series:
@@ -126,17 +202,27 @@ def read_dicom_series(folder: PathLike, series_uid: Optional[str] = None) -> sit
     if series_uid is not None:
         matches = [files for uid, files in series if uid == series_uid]
         if not matches:
-            raise UserError(f"{folder} has no DICOM series {series_uid}; it has: {', '.join(u for u, _ in series)}")
+            raise UserError(f"{folder} has no DICOM series {series_uid}; it has: "
+                            + "; ".join(describe_dicom_series(series)))
         files = matches[0]
+    elif len(series) > 1:
+        raise UserError(f"{folder} holds {len(series)} DICOM series: " + "; ".join(describe_dicom_series(series))
+                        + ". Choose one with --series UID.")
     else:
         files = series[0][1]
+    bad = _unlisted_dicom_files(folder, series)
+    if bad:
+        raise UserError(f"{folder}: corrupt or unreadable DICOM slice(s) {', '.join(bad[:5])}"
+                        f"{' ...' if len(bad) > 5 else ''}; replace or remove them (a dropped slice shifts the anatomy)")
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
     try:
         image = reader.Execute()
     except RuntimeError as error:
         raise UserError(f"cannot read the DICOM series in {folder}: {_first_line(error)}") from error
-    return _check_volume(image, folder)
+    _check_slice_positions(reader, files, image, folder)
+    return _check_values(_check_volume(image, folder), folder)
 
 
 def _first_line(error: BaseException) -> str:
@@ -149,13 +235,20 @@ def read_image(path: PathLike, series_uid: Optional[str] = None) -> sitk.Image:
     """Read a 3-D volume: a NIfTI/NRRD/MHA/MHD file or a folder holding a DICOM series.
 
     Returns a scalar 3-D ``SimpleITK.Image`` with its geometry (spacing, origin, direction in LPS).
-    Raises ``UserError`` for missing paths, empty folders, unreadable files, 2-D or 4-D images.
+    Raises ``UserError`` for missing paths, names that are not UTF-8, empty folders, unreadable, truncated or
+    corrupt files, 2-D or 4-D images, NaN/infinite voxels, and DICOM folders with several series (unless
+    ``series_uid`` picks one) or with corrupt/missing slices.
     """
+    from ..atomic import check_name_encodable
+
+    check_name_encodable(path, "input")  # ITK aborts in C++ on such a name
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist; check the path.")
     if path.is_dir():
         return read_dicom_series(path, series_uid)
+    if series_uid is not None:
+        raise UserError(f"--series picks a series of a DICOM folder; {path} is a file")
     if path.stat().st_size == 0:
         raise UserError(f"{path} is an empty file (0 bytes); it is not a volume.")
     try:
@@ -166,7 +259,52 @@ def read_image(path: PathLike, series_uid: Optional[str] = None) -> sitk.Image:
             f"cannot read {path}: it is not {kind} or it is corrupt ({_first_line(error)}). "
             f"Supported: {', '.join(VOLUME_SUFFIXES)} files and DICOM series folders."
         ) from error
-    return _check_volume(image, path)
+    _check_complete(path)
+    return _check_values(_check_volume(image, path), path)
+
+
+def _check_complete(path: Path) -> None:
+    """A NIfTI must hold every byte its header promises, and a gzip must decode to its end with a good
+    checksum: ITK's NIfTI reader fills a truncated file with zeros without a word (the NRRD and MetaImage
+    readers already refuse)."""
+    import gzip
+    import zlib
+
+    name = path.name.lower()
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+        return
+    import nibabel as nib
+
+    try:
+        header = nib.load(str(path)).header
+        need = int(header.get_data_offset()) + int(np.prod(header.get_data_shape(), dtype=np.int64)) \
+            * header.get_data_dtype().itemsize
+    except Exception as error:  # noqa: BLE001 - nibabel raises many types for a broken header
+        raise UserError(f"cannot read the NIfTI header of {path} ({error}); the file is corrupt") from error
+    if name.endswith(".gz"):
+        have = 0
+        try:
+            with gzip.open(str(path), "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    have += len(block)
+        except (EOFError, OSError, zlib.error) as error:
+            raise UserError(f"{path} is truncated or corrupt: its gzip stream does not decode to the end "
+                            f"({error}); the file was not written completely, get a complete copy") from error
+    else:
+        have = path.stat().st_size
+    if have < need:
+        raise UserError(f"{path} is truncated: its header promises {need} bytes, the file holds {have}; "
+                        "get a complete copy")
+
+
+def _check_values(image: sitk.Image, path: PathLike) -> sitk.Image:
+    """Refuse NaN or infinite voxels: every model and metric would turn them into garbage silently."""
+    if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        array = sitk.GetArrayViewFromImage(image)
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise UserError(f"{path} has {bad} NaN or infinite voxel(s); fix or replace the volume")
+    return image
 
 
 def read_array(path: PathLike) -> Tuple[np.ndarray, sitk.Image]:
@@ -221,7 +359,7 @@ def set_geometry_from_affine(image: sitk.Image, affine: np.ndarray, ras: bool = 
     columns = lps[:3, :3]
     spacing = np.linalg.norm(columns, axis=0)
     if np.any(spacing <= 0):
-        raise ValueError(f"degenerate affine (zero spacing): {affine.tolist()}")
+        raise UserError(f"degenerate affine (zero spacing): {affine.tolist()}")
     image.SetSpacing([float(s) for s in spacing])
     image.SetDirection([float(d) for d in (columns / spacing).ravel()])
     image.SetOrigin([float(o) for o in lps[:3, 3]])
@@ -353,23 +491,59 @@ __getattr__ = lazy_module_attrs(__name__, {"SimpleITKReader": _make_reader_class
 
 
 # ----------------------------------------------------------------------------------------------- writing
-def write_image(image: sitk.Image, path: PathLike, compress: bool = True) -> Path:
-    """Write any SimpleITK image atomically; creates parent folders.
+def write_image(image: sitk.Image, path: PathLike, compress: bool = True, verify: bool = True) -> Path:
+    """Write any SimpleITK image atomically and verified; creates parent folders.
 
-    The file is written under its final name inside a temporary folder next to ``path`` and then moved
-    into place with ``os.replace`` (data files before the header, so ``.mhd`` + ``.zraw`` pairs work).
+    The file is written under its final name inside a temporary folder next to ``path``, flushed to disk,
+    read back and compared voxel for voxel (``verify``), and only then moved into place with ``os.replace``
+    (data files before the header, so ``.mhd`` + ``.zraw`` pairs work). SimpleITK's NIfTI/NRRD writers do not
+    report a full disk; the read-back does, so a truncated file never replaces a good one.
     """
+    from ..atomic import fsync_dir, fsync_file, os_reason, temp_prefix
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=str(path.parent)))
+    tmp_dir = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp", dir=str(path.parent)))
+    keep = " (any previous file there is unchanged)"
     try:
-        sitk.WriteImage(image, str(tmp_dir / path.name), compress)
-        produced = sorted(tmp_dir.iterdir(), key=lambda p: p.name == path.name)  # header last
+        try:
+            sitk.WriteImage(image, str(tmp_dir / path.name), compress)
+            produced = sorted(tmp_dir.iterdir(), key=lambda p: p.name == path.name)  # header last
+            for item in produced:
+                fsync_file(item)
+        except RuntimeError as error:
+            raise UserError(f"cannot write {path}: {_first_line(error)}{keep}") from error
+        except OSError as error:
+            raise UserError(f"cannot write {path}: {os_reason(error)}{keep}") from error
+        if verify:
+            problem = _read_back_problem(image, tmp_dir / path.name)
+            if problem:
+                free = shutil.disk_usage(str(path.parent)).free
+                hint = "; the disk is full" if free < (1 << 20) else "; is the disk full?"
+                raise UserError(f"writing {path} failed: the written file {problem}{hint}{keep}")
         for item in produced:
             os.replace(item, path.parent / item.name)
+        fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
+
+
+def _read_back_problem(image: sitk.Image, written: Path) -> str:
+    """Why ``written`` is not exactly ``image`` ('' when it is): unreadable, incomplete, other voxels or grid."""
+    try:
+        back = sitk.ReadImage(str(written))
+        _check_complete(written)
+    except (RuntimeError, UserError) as error:
+        return f"does not read back ({_first_line(error)})"
+    if back.GetSize() != image.GetSize() or back.GetNumberOfComponentsPerPixel() != image.GetNumberOfComponentsPerPixel():
+        return f"reads back with size {back.GetSize()} instead of {image.GetSize()}"
+    a, b = sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(back)
+    if not np.array_equal(a, b, equal_nan=a.dtype.kind in "fc" and b.dtype.kind in "fc"):
+        return "reads back with other voxel values"
+    if image.GetDimension() == 3 and geometry_differences(image, back, tol=1e-3):
+        return "reads back on another grid (" + "; ".join(geometry_differences(image, back, tol=1e-3)) + ")"
+    return ""
 
 
 def sha256_file(path: PathLike) -> str:
@@ -424,30 +598,30 @@ def _label_array(labels: Union[np.ndarray, sitk.Image], reference: sitk.Image) -
     """Validate labels against the reference grid and return a non-negative integer (z, y, x) array."""
     if isinstance(labels, sitk.Image):
         if labels.GetDimension() != 3 or labels.GetSize() != reference.GetSize():
-            raise ValueError(f"label image size {labels.GetSize()} does not match the reference size "
+            raise UserError(f"label image size {labels.GetSize()} does not match the reference size "
                              f"{reference.GetSize()}; use resample_to_reference() first")
         diffs = geometry_differences(labels, reference)
         if diffs:
-            raise ValueError("label image is not on the reference grid (" + "; ".join(diffs) + "); "
+            raise UserError("label image is not on the reference grid (" + "; ".join(diffs) + "); "
                              "use resample_to_reference() first")
         array = sitk.GetArrayFromImage(labels)
     else:
         array = np.asarray(labels)
         expected = tuple(reversed(reference.GetSize()))
         if array.shape != expected:
-            raise ValueError(f"label array shape {array.shape} does not match the reference, which needs "
+            raise UserError(f"label array shape {array.shape} does not match the reference, which needs "
                              f"(z, y, x) = {expected}")
     if array.dtype == bool:
         array = array.astype(np.uint8)
     if not np.issubdtype(array.dtype, np.integer):
         if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
-            raise ValueError("label values must be whole numbers (got fractional or NaN values)")
+            raise UserError("label values must be whole numbers (got fractional or NaN values)")
         array = array.astype(np.int64)
     if array.size and array.min() < 0:
-        raise ValueError(f"label values must be >= 0 (found {int(array.min())})")
+        raise UserError(f"label values must be >= 0 (found {int(array.min())})")
     top = int(array.max()) if array.size else 0
     if top > 65535:
-        raise ValueError(f"label value {top} is too large (max 65535)")
+        raise UserError(f"label value {top} is too large (max 65535)")
     return array.astype(np.uint8 if top < 256 else np.uint16, copy=False)
 
 
@@ -479,8 +653,11 @@ def write_labelmap(labels: Union[np.ndarray, sitk.Image], reference: sitk.Image,
         image.SetMetaData(HEADER_LABELS_KEY, compact)
     if suffix == ".seg.nrrd":
         _add_slicer_segment_fields(image, entries, array)
-    write_image(image, path)
-    write_json_atomic({"labels": entries}, sidecar_path(path))
+    # Sidecar staged first and replaced only after the label map is written and verified: a failure
+    # anywhere leaves both previous files as they were.
+    with atomic_write(sidecar_path(path)) as side_tmp:
+        side_tmp.write_text(json.dumps({"labels": entries}, indent=2) + "\n", encoding="utf-8")
+        write_image(image, path)
     return path
 
 
