@@ -120,6 +120,14 @@ def labels_from_color_table(table) -> List[Dict]:
     return labels
 
 
+def conversion_color_table(segmentation_node):
+    """The color table a segmentation converts labelmaps with (the model's), or None.
+
+    ``GetLabelmapConversionColorTableNode()`` exists in Slicer 5.8 and later; the ``...NodeID()`` getter only
+    from 5.10 (Testing/test_slicer_api58.py checks every call against the 5.8 sources)."""
+    return segmentation_node.GetLabelmapConversionColorTableNode()
+
+
 def set_segment_terminology(segment, entry: Optional[str]) -> None:
     if not entry:
         return
@@ -225,8 +233,7 @@ def export_labelmap_node(segmentation_node, reference_volume, color_table=None, 
     if color_table is None and labels is not None:
         color_table = color_table_for_labels(labels, "export", scene)
     if color_table is None:
-        color_table_id = segmentation_node.GetLabelmapConversionColorTableNodeID()
-        color_table = scene.GetNodeByID(color_table_id) if color_table_id else None
+        color_table = conversion_color_table(segmentation_node)
     label_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode",
                                          scene.GenerateUniqueName(f"{segmentation_node.GetName()} labels"))
     ids = vtk.vtkStringArray()

@@ -294,8 +294,7 @@ class TrainLogic:
         if segmentation_node.GetSegmentation().GetNumberOfSegments() == 0:
             raise LoGoNetError(f"'{segmentation_node.GetName()}' has no segments")
         labels = None
-        table_id = segmentation_node.GetLabelmapConversionColorTableNodeID()
-        table = segmentation_node.GetScene().GetNodeByID(table_id) if table_id else None
+        table = sc.conversion_color_table(segmentation_node)
         if table is not None:
             labels = sc.labels_from_color_table(table)
         else:
