@@ -115,6 +115,50 @@ def parse_roi(text: Optional[str], size: Sequence[int]) -> Optional[Tuple[int, i
     return roi  # type: ignore[return-value]
 
 
+#: Input voxel spacing outside this range (mm) is a broken header, not a CT: refused before resampling.
+SPACING_RANGE_MM = (0.01, 50.0)
+
+
+def available_memory() -> int:
+    """Bytes of memory the process can still use (psutil's ``available``)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def resampled_shape(image: Any, spacing: Sequence[float], roi: Sequence[int]) -> Tuple[int, int, int]:
+    """The grid an image gets at the card's ``spacing`` (RAS axes), padded to the window: what inference allocates."""
+    direction = np.abs(np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3))
+    shape = []
+    for axis in range(3):
+        world = int(direction[:, axis].argmax())  # the RAS axis this voxel axis becomes after reorientation
+        extent = image.GetSize()[axis] * image.GetSpacing()[axis]
+        shape.append((world, max(int(math.ceil(extent / float(spacing[world]))), int(roi[world]))))
+    return tuple(n for _, n in sorted(shape))  # type: ignore[return-value]
+
+
+def memory_estimate(image: Any, spacing: Sequence[float], roi: Sequence[int], channels: int) -> int:
+    """Bytes segmenting ``image`` needs at peak: the float copy of the input and, on the resampled grid, the
+    image, one float score map per class, the blending weights and the argmax (MONAI's sliding window)."""
+    voxels_in = int(np.prod(image.GetSize(), dtype=np.float64))
+    voxels = float(np.prod(resampled_shape(image, spacing, roi), dtype=np.float64))
+    return int(voxels_in * 8 + voxels * (4 * (channels + 3) + 8))
+
+
+def check_plan(image: Any, name: str, spacing: Sequence[float], roi: Sequence[int], channels: int) -> None:
+    """Refuse before resampling what cannot work: an implausible spacing, or more memory than the machine has."""
+    low, high = SPACING_RANGE_MM
+    if not all(low <= s <= high for s in image.GetSpacing()):
+        raise UserError(f"{name} has voxel spacing {tuple(round(s, 4) for s in image.GetSpacing())} mm, outside "
+                        f"{low}-{high} mm: the header is broken or this is not a CT; fix the spacing")
+    need, have = memory_estimate(image, spacing, roi, channels), available_memory()
+    if need > have:
+        shape = "x".join(str(n) for n in resampled_shape(image, spacing, roi))
+        raise UserError(f"{name}: segmenting it needs about {need / 2 ** 30:.1f} GiB of memory (a {shape} grid at "
+                        f"the model's {'x'.join(f'{s:g}' for s in spacing)} mm), but {have / 2 ** 30:.1f} GiB are "
+                        "available; segment a box with --roi x0,y0,z0,x1,y1,z1, or use a model with a coarser spacing")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the predictor
 # ----------------------------------------------------------------------------------------------------------
@@ -153,9 +197,7 @@ class Predictor:
         return self.card.label_names
 
     def _warn(self, message: str) -> None:
-        self.reporter.emit("warning", message=message)
-        if self.reporter.mode == "none":
-            print(f"[logonet] warning: {message}", file=sys.stderr)
+        self.reporter.emit("warning", message=message)  # reaches stderr in every mode but jsonl
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(1, 1, X, Y, Z) preprocessed -> (1, C, X, Y, Z) scores, with the CUDA out-of-memory fallbacks."""
@@ -193,8 +235,8 @@ class Predictor:
                                                      else "running the whole inference on the CPU"))
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def predict(self, image: Any, roi: Optional[Sequence[int]] = None,
-                largest_component: bool = False) -> Tuple[Any, Dict[str, float]]:
+    def predict(self, image: Any, roi: Optional[Sequence[int]] = None, largest_component: bool = False,
+                name: str = "the input") -> Tuple[Any, Dict[str, float]]:
         """SimpleITK volume -> (SimpleITK label image on exactly ``image``'s grid, per-stage seconds).
 
         ``roi`` = (x0, y0, z0, x1, y1, z1) voxel indices (end exclusive): only that box is segmented, the rest
@@ -210,6 +252,9 @@ class Predictor:
         if roi is not None:
             x0, y0, z0, x1, y1, z1 = roi
             source = image[x0:x1, y0:y1, z0:z1]  # SimpleITK slicing keeps the physical geometry
+        check_plan(source, name, self.cfg.spacing, self.cfg.roi_size,
+                   len(self.card.label_values))
+        self._check_intensities(source)
         self.reporter.emit("stage", stage="preprocess")
         x = preprocess_for_inference(source, self.cfg)
         if min(x.shape[1:]) == 0:  # the foreground crop found nothing above the window's lower end
@@ -236,13 +281,26 @@ class Predictor:
             array = full
         if largest_component:
             array = keep_largest_component(array, self.card.label_values[1:])
+        if not array.any():
+            self._warn("no organ was found: the output is all background (is the input an abdominal CT in "
+                       "Hounsfield units, and does the model fit it?)")
         out = sitk.GetImageFromArray(array)
         out.CopyInformation(image)
         timings["postprocess"] = time.perf_counter() - t
         return out, timings
 
+    def _check_intensities(self, image: Any) -> None:
+        """Warn when the values do not look like Hounsfield units (no air, e.g. MR or a rescaled image)."""
+        import SimpleITK as sitk
+
+        stats = sitk.MinimumMaximumImageFilter()
+        stats.Execute(image)
+        if stats.GetMinimum() > -500:
+            self._warn(f"the lowest value is {stats.GetMinimum():g}: a CT in Hounsfield units has air near -1000; "
+                       "is this an MR or a rescaled image? The result may be meaningless")
+
     def segment_file(self, input_path: PathLike, output_path: PathLike, *, roi: Optional[str] = None,
-                     largest_component: bool = False) -> Dict[str, Any]:
+                     largest_component: bool = False, series: Optional[str] = None) -> Dict[str, Any]:
         """Read, segment, write (atomically, with label names). Returns timings and organ volumes."""
         import SimpleITK as sitk
 
@@ -250,10 +308,10 @@ class Predictor:
 
         t = time.perf_counter()
         self.reporter.emit("stage", stage="read", path=str(input_path))
-        image = io.read_image(input_path)
+        image = io.read_image(input_path, series)
         box = parse_roi(roi, image.GetSize())
         read_s = time.perf_counter() - t
-        labels, timings = self.predict(image, box, largest_component)
+        labels, timings = self.predict(image, box, largest_component, name=str(input_path))
         t = time.perf_counter()
         self.reporter.emit("stage", stage="write", path=str(output_path))
         io.write_labelmap(labels, image, output_path, self.card.labels)
@@ -277,6 +335,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"fewer windows: overlap {FAST_OVERLAP} unless --overlap is given")
     parser.add_argument("--roi", default=None, metavar="x0,y0,z0,x1,y1,z1",
                         help="segment only this box (voxel indices of INPUT, end exclusive)")
+    parser.add_argument("--series", default=None, metavar="UID",
+                        help="the DICOM series to segment when INPUT is a folder holding several")
     parser.add_argument("--largest-component", action="store_true", help="keep each organ's largest component")
     parser.add_argument("--stats", default=None, metavar="CSV", help="write each organ's volume in mL")
     parser.add_argument("--sw-batch", type=int, default=4, help="windows per forward pass")
@@ -305,9 +365,15 @@ def _write_stats(rows: List[Dict[str, Any]], path: PathLike) -> None:
 
 
 def plan_jobs(input_path: Path, output_path: Path) -> List[Tuple[Path, Path]]:
-    """(input, output) pairs; a folder without a DICOM series is batch mode. Checks names before any work."""
+    """(input, output) pairs; a folder without a DICOM series is batch mode.
+
+    Checks every output before any work (names, suffixes, writable folders, not the input itself, also via a
+    symbolic or hard link): a bad output path must not cost a model load and a whole inference.
+    """
+    from .atomic import check_name_encodable, check_output_file, check_output_folder
     from .data import io
 
+    check_name_encodable(input_path, "INPUT")
     if not input_path.exists():
         raise UserError(f"{input_path} does not exist; check the path")
     if input_path.is_dir() and not io.dicom_series(input_path):
@@ -316,29 +382,30 @@ def plan_jobs(input_path: Path, output_path: Path) -> List[Tuple[Path, Path]]:
             raise UserError(f"{input_path} holds no volumes (.nii.gz, .nrrd, .mha) and no DICOM series")
         if output_path.exists() and not output_path.is_dir():
             raise UserError(f"batch mode: OUTPUT {output_path} must be a folder, not a file")
+        check_output_folder(output_path, "OUTPUT")
         jobs = []
         for item in inputs:
             stem = io.strip_volume_suffix(item) if item.is_file() else item.name
             suffix = io.volume_suffix(item) if item.is_file() and io.volume_suffix(item) != ".mhd" else ".nii.gz"
             jobs.append((item, output_path / f"{stem}{suffix}"))
     else:
-        if not io.volume_suffix(output_path):
-            raise UserError(f"OUTPUT {output_path} must end in one of {', '.join(io.VOLUME_SUFFIXES)}")
         jobs = [(input_path, output_path)]
     for source, target in jobs:
-        if target.resolve() == source.resolve():
-            raise UserError(f"OUTPUT {target} is the input image itself; choose another output path or folder")
+        check_output_file(target, "OUTPUT", io.VOLUME_SUFFIXES, inputs=[source])
     return jobs
 
 
 def run(args: argparse.Namespace) -> int:
+    from .atomic import check_output_file
     from .events import reporter_for
 
     reporter = reporter_for(args.progress)
     t0 = time.perf_counter()
     jobs = plan_jobs(Path(args.input), Path(args.output))
-    if args.stats and Path(args.stats).is_dir():
-        raise UserError(f"--stats {args.stats} is a folder; give a .csv file name")
+    if args.stats:
+        check_output_file(args.stats, "--stats", inputs=[src for src, _ in jobs] + [dst for _, dst in jobs])
+    if args.series and len(jobs) > 1:
+        raise UserError("--series picks a series of one DICOM folder; INPUT is a folder of volumes (batch mode)")
     overlap = args.overlap if args.overlap is not None else (FAST_OVERLAP if args.fast else 0.5)
     reporter.emit("start", total=len(jobs), model=str(args.model), device=str(args.device))
     t = time.perf_counter()
@@ -348,10 +415,20 @@ def run(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - t
     rows: List[Dict[str, Any]] = []
     results = []
+    failures: List[str] = []
     for index, (src, dst) in enumerate(jobs):
         if len(jobs) > 1:
             reporter.emit("progress", step=index, total=len(jobs), stage="cases", case=str(src))
-        result = predictor.segment_file(src, dst, roi=args.roi, largest_component=args.largest_component)
+        try:
+            result = predictor.segment_file(src, dst, roi=args.roi, largest_component=args.largest_component,
+                                            series=args.series)
+        except UserError as error:
+            if len(jobs) == 1:
+                raise
+            # Batch mode: one bad case must not cost the others; every failure is listed at the end.
+            failures.append(f"{src.name}: {error}")
+            predictor._warn(f"case {src} failed, going on with the next: {error}")
+            continue
         results.append(result)
         rows += [{"case": src.name, **row} for row in result["volumes"]]
         timing_text = ", ".join(f"{k} {v:.2f}s" for k, v in result["timings"].items())
@@ -359,8 +436,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"{src} -> {dst} ({timing_text})", file=sys.stderr)
     if len(jobs) > 1:
         reporter.emit("progress", step=len(jobs), total=len(jobs), stage="cases")
-    if args.stats:
+    if args.stats and results:
         _write_stats(rows, args.stats)
+    if failures:
+        raise UserError(f"{len(failures)} of {len(jobs)} cases failed ({len(results)} written): "
+                        + " | ".join(failures))
     timings = {"load_model": round(load_s, 3), **{k: round(sum(r["timings"][k] for r in results), 3)
                                                   for k in results[0]["timings"]},
                "total": round(time.perf_counter() - t0, 3)}

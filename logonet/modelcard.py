@@ -32,6 +32,15 @@ BUNDLED_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
 
 PathLike = Union[str, "os.PathLike[str]"]
 
+#: Bounds on every card field that sizes work (issue 15): a card outside them is refused with the field named,
+#: before anything is allocated (a huge window tried to allocate petabytes; a tiny spacing failed deep in MONAI).
+ROI_SIDE_RANGE = (1, 512)  # voxels per window side
+SPACING_RANGE_MM = (0.1, 20.0)
+INTENSITY_LIMIT = 1e5  # |HU| of the window's ends
+MAX_CHANNELS = 1024  # network outputs (classes, or a pre-training feature width)
+MAX_IN_CHANNELS = 16
+MAX_LABEL_VALUE = 65535  # label maps are written as uint16 at most
+
 
 # ----------------------------------------------------------------------------------------------------------
 # network construction
@@ -130,6 +139,10 @@ class ModelCard:
                              f"vs {tuple(expected[wrong[0]].shape)})")
             raise UserError(f"the weights in {self.weights_path} do not match the architecture in {self.path / META}: "
                             + ", ".join(parts) + "; the card is inconsistent, re-export or retrain it")
+        broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if broken:
+            raise UserError(f"the weights in {self.weights_path} hold NaN or infinite values ({len(broken)} tensors, "
+                            f"e.g. {broken[0]}): the model is broken (did its training diverge?); use another card")
         model.load_state_dict(state, strict=True)
         return model.to(device).eval()
 
@@ -164,6 +177,17 @@ def read_weights(path: PathLike, expected_sha256: Optional[str] = None) -> Dict[
         raise UserError(f"{path} cannot be read as safetensors ({error}); the model card is corrupt") from error
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float (JSON's NaN/Infinity extensions and booleans are not numbers here)."""
+    import math
+
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _fail(path: Path, message: str) -> UserError:
     return UserError(f"{path / META}: {message}")
 
@@ -182,18 +206,23 @@ def validate_meta(meta: Any, path: Path) -> Dict[str, Any]:
     if not isinstance(arch, dict) or not isinstance(arch.get("name"), str):
         raise _fail(path, '"architecture" must be an object with a "name"')
     out_channels = arch.get("out_channels")
-    if not isinstance(out_channels, int) or out_channels < 1:
-        raise _fail(path, '"architecture.out_channels" must be a positive integer')
-    if not isinstance(arch.get("in_channels", 1), int) or not isinstance(arch.get("kwargs", {}), dict):
-        raise _fail(path, '"architecture.in_channels" must be an integer and "kwargs" an object')
+    if not _is_int(out_channels) or not 1 <= out_channels <= MAX_CHANNELS:
+        raise _fail(path, f'"architecture.out_channels" must be an integer from 1 to {MAX_CHANNELS}, got {out_channels!r}')
+    in_channels = arch.get("in_channels", 1)
+    if not _is_int(in_channels) or not 1 <= in_channels <= MAX_IN_CHANNELS:
+        raise _fail(path, f'"architecture.in_channels" must be an integer from 1 to {MAX_IN_CHANNELS}, '
+                          f"got {in_channels!r}")
+    if not isinstance(arch.get("kwargs", {}), dict):
+        raise _fail(path, '"architecture.kwargs" must be an object')
     labels = meta.get("labels", [])
     if not isinstance(labels, list):
         raise _fail(path, '"labels" must be a list')
     seen = set()
     for entry in labels:
-        if not isinstance(entry, dict) or not isinstance(entry.get("value"), int) or entry["value"] < 1 \
-                or not isinstance(entry.get("name"), str):
-            raise _fail(path, f'every label needs an integer "value" >= 1 and a "name"; got {entry!r}')
+        if not isinstance(entry, dict) or not _is_int(entry.get("value")) \
+                or not 1 <= entry["value"] <= MAX_LABEL_VALUE or not isinstance(entry.get("name"), str):
+            raise _fail(path, f'every label needs an integer "value" from 1 to {MAX_LABEL_VALUE} and a "name"; '
+                              f"got {entry!r}")
         if entry["value"] in seen:
             raise _fail(path, f'label value {entry["value"]} appears twice')
         seen.add(entry["value"])
@@ -208,13 +237,18 @@ def validate_meta(meta: Any, path: Path) -> Dict[str, Any]:
     if not isinstance(pre, dict):
         raise _fail(path, '"preprocessing" must be an object')
     spacing, window, roi = pre.get("spacing"), pre.get("intensity_window"), pre.get("roi_size")
-    if not (isinstance(spacing, list) and len(spacing) == 3 and all(isinstance(s, (int, float)) and s > 0 for s in spacing)):
-        raise _fail(path, '"preprocessing.spacing" must be three positive numbers (mm)')
-    if not (isinstance(window, list) and len(window) == 2 and all(isinstance(w, (int, float)) for w in window)
-            and window[0] < window[1]):
-        raise _fail(path, '"preprocessing.intensity_window" must be [low, high] with low < high')
-    if not (isinstance(roi, list) and len(roi) == 3 and all(isinstance(r, int) and r > 0 for r in roi)):
-        raise _fail(path, '"preprocessing.roi_size" must be three positive integers')
+    low_mm, high_mm = SPACING_RANGE_MM
+    if not (isinstance(spacing, list) and len(spacing) == 3
+            and all(_is_number(v) and low_mm <= v <= high_mm for v in spacing)):
+        raise _fail(path, f'"preprocessing.spacing" must be three numbers from {low_mm} to {high_mm} mm, got {spacing!r}')
+    if not (isinstance(window, list) and len(window) == 2
+            and all(_is_number(w) and abs(w) <= INTENSITY_LIMIT for w in window) and window[0] < window[1]):
+        raise _fail(path, f'"preprocessing.intensity_window" must be [low, high] with low < high, both within '
+                          f"+-{INTENSITY_LIMIT:g}, got {window!r}")
+    low_roi, high_roi = ROI_SIDE_RANGE
+    if not (isinstance(roi, list) and len(roi) == 3 and all(_is_int(r) and low_roi <= r <= high_roi for r in roi)):
+        raise _fail(path, f'"preprocessing.roi_size" must be three integers from {low_roi} to {high_roi} '
+                          f"(voxels per window side), got {roi!r}")
     return meta
 
 
