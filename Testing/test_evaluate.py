@@ -35,12 +35,15 @@ def test_cli_table_csv_and_resampled_prediction(tmp_path, capsys):
     ref_img = sitk.GetImageFromArray(ref)
     ref_img.SetSpacing((2.0, 2.0, 2.0))
     sitk.WriteImage(ref_img, str(tmp_path / "ref.nrrd"))
-    # The same labels at half the spacing: resampled onto the reference grid, Dice stays 1.
+    # The same labels at half the spacing: refused unless --resample says to put them onto the reference's
+    # grid (a silent resample hid a wrong grid); resampled, Dice stays 1.
     fine = sitk.Resample(ref_img, [32, 32, 32], sitk.Transform(), sitk.sitkNearestNeighbor, (-0.5, -0.5, -0.5),
                          (1.0, 1.0, 1.0), ref_img.GetDirection(), 0, ref_img.GetPixelID())
     sitk.WriteImage(fine, str(tmp_path / "pred.nii.gz"))
-    code = cli.main(["evaluate", str(tmp_path / "pred.nii.gz"), str(tmp_path / "ref.nrrd"),
-                     "--csv", str(tmp_path / "dice.csv")])
+    argv = ["evaluate", str(tmp_path / "pred.nii.gz"), str(tmp_path / "ref.nrrd"), "--csv", str(tmp_path / "dice.csv")]
+    assert cli.main(argv) == 2
+    assert "not on the grid" in capsys.readouterr().err and not (tmp_path / "dice.csv").exists()
+    code = cli.main([*argv, "--resample"])
     out = capsys.readouterr().out
     assert code == 0 and "liver" in out and "mean" in out
     rows = list(csv.DictReader(open(tmp_path / "dice.csv")))

@@ -1,7 +1,8 @@
 """``logonet evaluate PRED REF``: per-organ Dice and 95th-percentile Hausdorff distance (MONAI metrics).
 
-Both label maps are read with their geometry; a prediction on another grid is put onto the reference's
-grid first (nearest neighbour). By default the organs present in the reference are scored; the mean is
+Both label maps are read with their geometry. A prediction on another grid is refused (a silent resample
+gave Dice 0.40 for a 0.91 prediction); ``--resample`` puts it onto the reference's grid (nearest neighbour)
+on purpose. Negative, fractional or image-like values (a CT given as the reference) are refused. By default the organs present in the reference are scored; the mean is
 over those. Output: a table on stdout and, with ``--csv``, the same rows in a CSV file.
 """
 from __future__ import annotations
@@ -85,22 +86,41 @@ def parse_labels(text: Optional[str], names: Mapping[int, str]) -> Optional[List
     return out
 
 
+#: More distinct values than this is an image (a CT has one per HU value), not a label map.
+MAX_DISTINCT_LABELS = 1000
+
+
+def _label_values(array: np.ndarray, what: str, path: Any) -> np.ndarray:
+    """Check that ``array`` is a label map (whole, non-negative values, not thousands of them) -> int64."""
+    if array.dtype.kind == "f" and not np.array_equal(array, np.round(array)):
+        raise UserError(f"{path} ({what}) has fractional values: it is not a label map")
+    if array.size and array.min() < 0:
+        raise UserError(f"{path} ({what}) has negative values (down to {array.min():g}): it is not a label map; "
+                        "is it the CT instead of its segmentation?")
+    values = np.unique(array)
+    if len(values) > MAX_DISTINCT_LABELS:
+        raise UserError(f"{path} ({what}) has {len(values)} distinct values: it looks like an image, not a label "
+                        "map; is it the CT instead of its segmentation?")
+    return array.astype(np.int64)
+
+
 def evaluate_files(pred_path: Any, ref_path: Any, labels: Optional[Sequence[int]] = None,
-                   hausdorff: bool = True) -> List[Dict[str, Any]]:
+                   hausdorff: bool = True, resample: bool = False) -> List[Dict[str, Any]]:
     """Score a predicted label map file against a reference file (see :func:`score`)."""
     import SimpleITK as sitk
 
     from .data import io
 
     pred_img, ref_img = io.read_image(pred_path), io.read_image(ref_path)
-    if not io.same_geometry(pred_img, ref_img):
+    ref = _label_values(sitk.GetArrayFromImage(ref_img), "reference", ref_path)
+    differences = io.geometry_differences(pred_img, ref_img)
+    if differences and not resample:
+        raise UserError(f"{pred_path} is not on the grid of {ref_path} (" + "; ".join(differences) + "); "
+                        "segment the reference's CT, or pass --resample to put the prediction onto its grid")
+    pred = _label_values(sitk.GetArrayFromImage(pred_img), "prediction", pred_path)
+    if differences:
         pred_img = io.resample_to_reference(sitk.Cast(pred_img, sitk.sitkUInt16), ref_img)
-    pred = sitk.GetArrayFromImage(pred_img)
-    ref = sitk.GetArrayFromImage(ref_img)
-    for what, array, path in (("prediction", pred, pred_path), ("reference", ref, ref_path)):
-        if array.dtype.kind == "f" and not np.array_equal(array, np.round(array)):
-            raise UserError(f"{path} ({what}) has fractional values: it is not a label map")
-    pred, ref = pred.astype(np.int64), ref.astype(np.int64)
+        pred = sitk.GetArrayFromImage(pred_img).astype(np.int64)
     names = _names(Path(pred_path), Path(ref_path))
     values = list(labels) if labels else [int(v) for v in np.unique(ref) if v != 0]
     if not values:
@@ -145,11 +165,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", default=None, help="comma-separated values or names (default: all in REF)")
     parser.add_argument("--csv", default=None, metavar="CSV", help="also write the table as CSV")
     parser.add_argument("--no-hausdorff", action="store_true", help="Dice only (faster)")
+    parser.add_argument("--resample", action="store_true",
+                        help="score a prediction on another grid after a nearest-neighbour resample (refused otherwise)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.csv:  # before reading anything: a bad --csv must not cost the scoring
+        from .atomic import check_output_file
+
+        check_output_file(args.csv, "--csv", inputs=[args.pred, args.ref])
     names = _names(Path(args.pred), Path(args.ref))
-    rows = evaluate_files(args.pred, args.ref, parse_labels(args.labels, names), not args.no_hausdorff)
+    rows = evaluate_files(args.pred, args.ref, parse_labels(args.labels, names), not args.no_hausdorff,
+                          resample=args.resample)
     print(format_table(rows))
     if args.csv:
         write_csv(rows, args.csv)

@@ -236,6 +236,8 @@ def run(args: argparse.Namespace) -> int:
     roi = eng.roi_argument(args.roi, DEFAULT_ROI)
     if args.features < 1 or args.tau <= 0:
         raise UserError(f"--features must be positive and --tau > 0, got {args.features}, {args.tau}")
+    from ..atomic import prepare_run_folder  # --out usable, stale temps of a killed run gone
+    prepare_run_folder(out, "--out")
     eng.check_output_folder(out, args.resume, "pre-training run")
     masking = MaskingConfig(phi1=args.phi1, chain=args.chain, phi2=args.phi2, slice_axis=args.slice_axis,
                             patch_sizes=PAPER_PATCH_SIZES)

@@ -184,6 +184,8 @@ def run(args: argparse.Namespace) -> int:
     if args.grad_clip < 0:
         raise UserError(f"--grad-clip must be >= 0 (0: off), got {args.grad_clip}")
     roi = eng.roi_argument(args.roi, DEFAULT_ROI)
+    from ..atomic import prepare_run_folder  # --out usable, stale temps of a killed run gone
+    prepare_run_folder(out, "--out")
     eng.check_output_folder(out, args.resume, "training run")
 
     try:
