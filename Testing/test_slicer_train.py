@@ -61,20 +61,61 @@ def test_fake_stop_leaves_checkpoint_and_resume_continues(train_env, tmp_path, m
     mrml, logic, catalog, data = train_env
     monkeypatch.setenv("FAKE_LOGONET_DELAY", "0.3")
     settings = TrainSettings(data_dir=str(data), out_dir=str(tmp_path / "out"), epochs=50, roi=(32, 32, 32))
-    task = logic.start(settings, waitForCompletion=False)
+    logs = []
+    task = logic.start(settings, waitForCompletion=False, logCallback=logs.append)
     deadline = time.monotonic() + 30
     while task.poll() and task.checkpoint is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    sigints = []
+    monkeypatch.setattr("LoGoNetLib.process.kill_tree", lambda *args: sigints.append(args))
     logic.stop(grace_s=30)
+    assert (tmp_path / "out" / "STOP").is_file()  # the request is a file (Windows has no usable signal)
     assert task.wait(timeout=60) == "stopped"
+    assert sigints == []  # no signal was sent
+    assert not (tmp_path / "out" / "STOP").exists()
     assert task.checkpoint and Path(task.checkpoint).is_file()
     stopped_at = json.loads(Path(task.checkpoint).read_text(encoding="utf-8"))["epoch"]
     assert 1 <= stopped_at < 50 and task.model_entry is None and catalog.models() == []
+    assert task.checkpoint_epoch == stopped_at
+    assert f"resumable from epoch {stopped_at + 1} of 50" in logs[-1] and "Resume" in logs[-1]
+    assert not any("{" in line for line in logs), "raw JSON protocol lines reached the log"
     monkeypatch.setenv("FAKE_LOGONET_DELAY", "0")
     settings.resume = True
     resumed = logic.start(settings, waitForCompletion=True)
     assert resumed.state == "succeeded"
     assert resumed.history[0]["step"] == stopped_at + 1
+
+
+def test_a_worker_that_ignores_stop_is_ended_and_reported_resumable_not_failed(train_env, tmp_path, monkeypatch):
+    from LoGoNetLib.trainlogic import TrainSettings
+
+    mrml, logic, catalog, data = train_env
+    monkeypatch.setenv("FAKE_LOGONET_DELAY", "0.2")
+    monkeypatch.setenv("FAKE_LOGONET_IGNORE_STOP", "1")
+    settings = TrainSettings(data_dir=str(data), out_dir=str(tmp_path / "out"), epochs=500, roi=(32, 32, 32))
+    logs = []
+    task = logic.start(settings, waitForCompletion=False, logCallback=logs.append)
+    deadline = time.monotonic() + 30
+    while task.poll() and task.checkpoint_epoch is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    logic.stop(grace_s=0.5)
+    assert task.wait(timeout=30) == "stopped"
+    assert task.process.killed_after_stop and task.error_message is None
+    assert "resumable from epoch" in logs[-1] and "did not exit in time" in logs[-1]
+    assert not any("failed" in line.lower() or "None" in line for line in logs)
+    assert not (tmp_path / "out" / "STOP").exists()
+
+
+def test_output_folder_that_cannot_be_created_is_a_clear_error(train_env, tmp_path):
+    from LoGoNetLib.segmentlogic import LoGoNetError
+    from LoGoNetLib.trainlogic import TrainSettings
+
+    mrml, logic, catalog, data = train_env
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    logic.problems = lambda settings: []  # the folder check passes; creating it fails (read-only disk, a file...)
+    with pytest.raises(LoGoNetError, match="the output folder .*a_file/out cannot be used"):
+        logic.start(TrainSettings(data_dir=str(data), out_dir=str(blocker / "out"), epochs=1, roi=(32, 32, 32)))
 
 
 # A worker that counts the SIGINTs it gets: Stop must send exactly one, since the real trainer takes a second

@@ -3,8 +3,9 @@
 :class:`BackgroundProcess` starts the worker, a reader thread puts its output lines on a queue and
 :meth:`BackgroundProcess.poll` (called by a QTimer in the GUI, or in a loop by :meth:`wait`) turns them into
 callbacks: ``on_event(dict)`` for protocol events and ``on_log(str)`` for everything. ``cancel()`` kills the
-whole process tree; ``stop()`` first asks politely (SIGINT, so a trainer saves a checkpoint) and kills only
-after a grace period. Nothing here imports Qt or Slicer.
+whole process tree; ``stop(stop_file=...)`` first asks politely (it creates the trainer's stop file, which works
+on every OS, so a trainer saves a checkpoint) and kills only after a grace period; a stopped run ends as
+``stopped`` however it exited. Nothing here imports Qt or Slicer.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 from .core import parse_event_line
+from .messages import describe_event
 
 #: Exit codes a finished task can report besides the process's own.
 USER_CANCELLED = 1001
@@ -98,6 +100,7 @@ class BackgroundProcess:
         self._reader: Optional[threading.Thread] = None
         self._reader_done = False
         self._stop_deadline: Optional[float] = None
+        self.killed_after_stop = False  # the worker ignored the stop request for the whole grace period
 
     # -------------------------------------------------------------------------------------------------- start
     def start(self) -> "BackgroundProcess":
@@ -148,15 +151,19 @@ class BackgroundProcess:
                 break
             self._handle_line(line)
         if self.state == STOPPING and self._stop_deadline is not None and time.monotonic() > self._stop_deadline:
-            self.cancel()  # did not stop in time: kill it
+            self._stop_deadline = None  # did not stop in time: kill it (still a stop: the last checkpoint stays)
+            self.killed_after_stop = True
+            kill_tree(self._process)
         if self._reader_done and self._process is not None and self._process.poll() is not None:
             self.returncode = self._process.returncode
             if self.state == CANCELLING:
                 self.state, self.returncode = CANCELLED, USER_CANCELLED
             elif self.returncode == 0:
                 self.state = SUCCEEDED
-            elif self.state == STOPPING and self.returncode in (130, -signal.SIGINT):
-                self.state = STOPPED  # stopped on request, after saving what it had
+            elif self.state == STOPPING:
+                # Stopped on request: after saving what it had (exit 130), or killed after the grace period
+                # (the checkpoint of the last finished epoch is still there). Never a "failure".
+                self.state = STOPPED
             else:
                 self.state = FAILED
                 if not self.error_message:
@@ -178,16 +185,25 @@ class BackgroundProcess:
             time.sleep(interval)
         return self.state
 
-    def stop(self, grace_s: float = 120.0) -> None:
-        """Ask the worker to stop (SIGINT: trainers save a checkpoint and exit 130); kill after ``grace_s``."""
+    def stop(self, grace_s: float = 120.0, stop_file: Optional[str] = None) -> None:
+        """Ask the worker to stop and kill it after ``grace_s``.
+
+        With ``stop_file`` (what the trainers watch: ``<out>/STOP``) the request is that file, which works on
+        every OS: on Windows no signal reaches a windowless child of a GUI process. Without it, the worker gets
+        one SIGINT (POSIX only)."""
         if self.state != RUNNING or self._process is None:
             return
         self.state = STOPPING
         self._stop_deadline = time.monotonic() + grace_s
+        if stop_file is not None:
+            try:
+                with open(stop_file, "w", encoding="utf-8") as handle:
+                    handle.write("stop requested by LoGoNet\n")
+                return
+            except OSError:
+                pass  # cannot write there: fall back to the signal, or to the kill after grace_s
         if os.name == "posix":
             kill_tree(self._process, signal.SIGINT)
-        else:  # pragma: no cover - Windows: CTRL_BREAK reaches the new process group
-            self._process.send_signal(signal.CTRL_BREAK_EVENT)
 
     def cancel(self) -> None:
         """Kill the whole process tree now; the task ends as cancelled (outputs must be discarded)."""
@@ -205,10 +221,12 @@ class BackgroundProcess:
                 self.error_message = str(event["message"])
             if self.on_event is not None:
                 self.on_event(event)
+            text = describe_event(event)  # a sentence, or None for the per-window progress lines
         else:
             self.log_tail = (self.log_tail + [line])[-40:]
-        if self.on_log is not None:
-            self.on_log(line)
+            text = line
+        if self.on_log is not None and text is not None:
+            self.on_log(text)
 
     def _guess_error(self) -> str:
         """The most useful line of a failed run: the CLI's 'error:' line, else the last line printed."""

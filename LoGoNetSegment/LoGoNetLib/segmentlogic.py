@@ -10,10 +10,14 @@ Nothing is added to the scene until the worker succeeded: a cancelled or failed 
 """
 from __future__ import annotations
 
+import atexit
 import math
+import os
+import re
 import shutil
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -24,6 +28,7 @@ from . import scene as sc
 from .catalog import ModelCatalog, ModelEntry
 from .core import logonet_command, subprocess_env
 from .install import NoInstall
+from .messages import Throttle, stage_words
 from .process import CANCELLED, FAILED, SUCCEEDED, BackgroundProcess, describe_command, schedule_polling
 
 DEVICES = {"auto": "auto", "gpu": "cuda", "cuda": "cuda", "cpu": "cpu"}
@@ -31,6 +36,60 @@ DEVICES = {"auto": "auto", "gpu": "cuda", "cuda": "cuda", "cpu": "cpu"}
 
 class LoGoNetError(RuntimeError):
     """A failure to show the user as is (the message says what went wrong; no traceback needed)."""
+
+
+#: Temporary folders hold a copy of the patient's CT: ``LoGoNet-<pid>-<random>``, so that the folders of a
+#: Slicer that died can be told from those of a running one and removed at the next start.
+TEMP_PREFIX = "LoGoNet-"
+_TEMP_NAME = re.compile(r"^LoGoNet-(\d+)-[^/\\]+$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        import psutil
+
+        return psutil.pid_exists(pid)
+    except ImportError:  # pragma: no cover - psutil ships with Slicer
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            return True
+        return True
+
+
+def remove_stale_temp_folders(temp_root: Optional[str] = None) -> List[Path]:
+    """Delete ``LoGoNet-<pid>-*`` folders whose process is gone (a Slicer that crashed or was killed during a
+    run); returns what was removed. Folders of running processes, and anything not named so, are left alone."""
+    root = Path(temp_root or tempfile.gettempdir())
+    removed = []
+    try:
+        candidates = list(root.iterdir())
+    except OSError:
+        return removed
+    for folder in candidates:
+        match = _TEMP_NAME.match(folder.name)
+        if not match or not folder.is_dir() or folder.is_symlink() or _pid_alive(int(match.group(1))):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            removed.append(folder)
+    return removed
+
+
+_LIVE_LOGICS: "weakref.WeakSet[SegmentLogic]" = weakref.WeakSet()
+
+
+@atexit.register
+def _cleanup_at_exit() -> None:  # application exit during a run: no CT copy may stay behind
+    for logic in list(_LIVE_LOGICS):
+        try:
+            logic.cleanup()
+        except Exception:  # pragma: no cover - best effort at exit
+            pass
 
 
 def roi_to_ijk(volume_node, roi_node) -> Tuple[int, int, int, int, int, int]:
@@ -111,6 +170,24 @@ class SegmentLogic:
         self.keep_temp = keep_temp
         self.ask = ask or (lambda question: True)
         self.task: Optional[SegmentTask] = None
+        self.installing = False  # the first-use dependency install is running (Apply must stay disabled)
+        self._temp_dirs: List[Path] = []
+        _LIVE_LOGICS.add(self)
+        remove_stale_temp_folders(temp_root)
+
+    def cleanup(self) -> None:
+        """Module cleanup / application exit: kill a running worker and delete every temporary CT copy."""
+        if self.task is not None and self.task.running:
+            self.task.cancel()
+            if self.task.process is not None and self.task.process._process is not None:
+                try:
+                    self.task.process._process.wait(timeout=5)
+                except Exception:
+                    pass
+        for folder in list(self._temp_dirs):
+            shutil.rmtree(folder, ignore_errors=True)
+            if not folder.exists():
+                self._temp_dirs.remove(folder)
 
     # ------------------------------------------------------------------------------------------ validation
     @staticmethod
@@ -154,13 +231,22 @@ class SegmentLogic:
         except ValueError as error:
             raise LoGoNetError(str(error)) from error
         roi = roi_to_ijk(inputVolume, roiNode) if roiNode is not None else None
-        installed = self.installer.ensure(ask=self.ask, log=log)
+        if self.installing:
+            raise LoGoNetError("the Python packages are being installed: wait until the install has finished")
+        if self.task is not None and self.task.running:
+            raise LoGoNetError("a segmentation is already running: wait for it or cancel it")
+        self.installing = True
+        try:
+            installed = self.installer.ensure(ask=self.ask, log=log)
+        finally:
+            self.installing = False
         if not installed.ok:
             raise LoGoNetError("; ".join(installed.problems))
         if installed.restart_needed:
             raise LoGoNetError("Python packages were updated: restart Slicer, then click Apply again")
 
-        temp_dir = Path(tempfile.mkdtemp(prefix="LoGoNet-", dir=self.temp_root))
+        temp_dir = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=self.temp_root))
+        self._temp_dirs.append(temp_dir)
         task = SegmentTask(self, inputVolume, entry, temp_dir)
         self.task = task
         try:
@@ -173,6 +259,9 @@ class SegmentLogic:
         log(f"Model: {entry.title} ({entry.path})")
         log("Running: " + describe_command(command))
 
+        throttle = Throttle(0.25)  # a few GUI updates per second, not one per sliding window
+        last_text = [""]
+
         def on_event(event: Dict) -> None:
             kind = event.get("event")
             if kind == "start" and event.get("device"):
@@ -180,13 +269,21 @@ class SegmentLogic:
             if progressCallback is None:
                 return
             step, total = event.get("step"), event.get("total")
-            text = str(event.get("stage") or kind)
+            text = stage_words(event.get("stage") or kind)
+            changed = text != last_text[0]
             if kind == "done":
-                progressCallback(1.0, "importing")
+                text, fraction, force = stage_words("importing"), 1.0, True
             elif isinstance(step, (int, float)) and isinstance(total, (int, float)) and total:
-                progressCallback(min(1.0, float(step) / float(total)), text)
+                fraction, force = min(1.0, float(step) / float(total)), changed or step >= total
+                if kind == "progress" and event.get("stage") in ("inference", "cases"):
+                    text = f"{text}: {int(step)} of {int(total)}"
             elif kind in ("start", "stage"):
-                progressCallback(0.0, text)
+                fraction, force = 0.0, True
+            else:
+                return
+            last_text[0] = stage_words(event.get("stage") or kind)
+            if throttle.ready(force=force):
+                progressCallback(fraction, text)
 
         def on_finished(process: BackgroundProcess) -> None:
             self._finish(task, outputSegmentation, log)
@@ -235,6 +332,8 @@ class SegmentLogic:
     def _cleanup(self, task: SegmentTask) -> None:
         if not self.keep_temp:
             shutil.rmtree(task.temp_dir, ignore_errors=True)
+            if task.temp_dir in self._temp_dirs and not task.temp_dir.exists():
+                self._temp_dirs.remove(task.temp_dir)
 
     def import_result(self, task: SegmentTask, output_segmentation=None):
         """Read the worker's labelmap into a segmentation node (new one unless given) next to the input."""

@@ -26,6 +26,8 @@ PRETRAIN, FINETUNE, FINETUNE_FROM_PRETRAINED = "pretrain", "finetune", "finetune
 MODES = (PRETRAIN, FINETUNE, FINETUNE_FROM_PRETRAINED)
 PRESETS = ("T", "S", "L")
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+#: The trainer checkpoints and stops when this file appears in its output folder (logonet.train.engine.STOP_FILE).
+STOP_FILE = "STOP"
 
 
 def _volumes(folder: Path) -> List[Path]:
@@ -72,6 +74,7 @@ class TrainTask:
         self.total_epochs = int(settings.epochs)
         self.best_dice: Optional[float] = None
         self.checkpoint: Optional[str] = None
+        self.checkpoint_epoch: Optional[int] = None  # epochs the last checkpoint holds
         self.model_entry: Optional[ModelEntry] = None
         self.error_message: Optional[str] = None
         self.state = "idle"
@@ -213,7 +216,12 @@ class TrainLogic:
             raise LoGoNetError("; ".join(installed.problems))
         if installed.restart_needed:
             raise LoGoNetError("Python packages were updated: restart Slicer, then start again")
-        Path(settings.out_dir).mkdir(parents=True, exist_ok=True)
+        out = Path(settings.out_dir)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / STOP_FILE).unlink(missing_ok=True)  # a request left by an earlier Stop
+        except OSError as error:
+            raise LoGoNetError(f"the output folder {out} cannot be used: {error.strerror or error}") from error
         task = TrainTask(settings)
         self.task = task
         command = self.build_command(settings)
@@ -237,6 +245,8 @@ class TrainLogic:
                     task.chart.add(task.epoch, event.get("loss"), event.get("dice"))
             elif kind == "checkpoint" and event.get("path"):
                 task.checkpoint = str(event["path"])
+                if isinstance(event.get("step"), int):
+                    task.checkpoint_epoch = int(event["step"])
             if progressCallback is not None:
                 progressCallback(task)
 
@@ -256,15 +266,21 @@ class TrainLogic:
         return task
 
     def stop(self, grace_s: float = 120.0) -> None:
-        """Graceful stop: the trainer saves a checkpoint at the next step and exits (then it is killed if stuck)."""
+        """Graceful stop on every OS: a ``STOP`` file in the output folder, which the trainer checks at every step
+        and between validation cases; it saves a checkpoint and exits (and is killed after ``grace_s``)."""
         if self.task is not None and self.task.process is not None:
-            self.task.process.stop(grace_s=grace_s)
+            self.task.process.stop(grace_s=grace_s,
+                                   stop_file=str(Path(self.task.settings.out_dir) / STOP_FILE))
 
     def _finish(self, task: TrainTask, log: Callable[[str], None]) -> None:
         process = task.process
         out = Path(task.settings.out_dir)
         if (out / "checkpoint.pt").is_file():
             task.checkpoint = str(out / "checkpoint.pt")
+        try:
+            (out / STOP_FILE).unlink(missing_ok=True)  # a request the worker never read (killed, or already done)
+        except OSError:
+            pass
         if process.state == SUCCEEDED:
             task.state = SUCCEEDED
             if task.settings.mode != PRETRAIN:
@@ -277,13 +293,23 @@ class TrainLogic:
                 log(f"Pre-trained model written to {out}; fine-tune from it next.")
         elif process.state == STOPPED:
             task.state = STOPPED
-            log("Stopped. " + (f"Checkpoint saved: {task.checkpoint}; tick 'Resume' to continue."
-                               if task.checkpoint else "No checkpoint was written yet."))
+            log(self.stopped_message(task))
         else:
             task.state = process.state
             task.error_message = process.error_message
             if task.state == FAILED:
                 log(f"Error: {task.error_message}")
+
+    @staticmethod
+    def stopped_message(task: TrainTask) -> str:
+        """What a stopped (or, after the grace period, killed) run says: where it can resume, never 'failed'."""
+        killed = task.process is not None and task.process.killed_after_stop
+        head = "Stopped (the worker did not exit in time and was ended)" if killed else "Stopped"
+        if not task.checkpoint:
+            return f"{head}. No checkpoint was written yet: start again without Resume."
+        done = task.checkpoint_epoch if task.checkpoint_epoch is not None else task.epoch
+        return (f"{head}, resumable from epoch {done + 1} of {task.total_epochs}: checkpoint {task.checkpoint}; "
+                "tick 'Resume' and press Start to continue.")
 
     # ------------------------------------------------------------------------------------------ training set
     @staticmethod

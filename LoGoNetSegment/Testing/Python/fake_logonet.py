@@ -6,7 +6,9 @@ numpy (no torch, no GPU, no download) and runs in well under a second:
 - ``segment IN OUT --model DIR ...``: writes a label map on IN's grid with one box per model label (the
   model's label values), or fails like the real CLI (exit 2, ``error:`` line) when ``model.json`` is broken.
 - ``finetune DATA --out DIR --epochs N ...``: prints ``epoch`` events, writes ``checkpoint.pt`` every epoch,
-  stops cleanly on SIGINT (exit 130) and writes ``best/`` + ``last/`` model cards at the end.
+  stops cleanly on SIGINT or when ``DIR/STOP`` appears (exit 130, like the real engine) and writes ``best/`` +
+  ``last/`` model cards at the end. ``FAKE_LOGONET_IGNORE_STOP=1`` makes it ignore both (a hung worker).
+- ``sample --json``: writes a tiny CT (``FAKE_LOGONET_SAMPLE_DIR``, else a temp folder) and prints its paths.
 
 ``FAKE_LOGONET_DELAY`` (seconds per step, default 0) slows it down so a test can cancel or stop it.
 """
@@ -72,7 +74,10 @@ def finetune(args) -> int:
             return fail("finetune", f"nothing to resume in {out}")
         start = json.loads(checkpoint.read_text(encoding="utf-8"))["epoch"]
         emit("stage", stage="resume", epoch=start, path=str(checkpoint))
-    signal.signal(signal.SIGINT, lambda *a: _stop.append(1))
+    ignore_stop = os.environ.get("FAKE_LOGONET_IGNORE_STOP") == "1"
+    if not ignore_stop:
+        signal.signal(signal.SIGINT, lambda *a: _stop.append(1))
+    (out / "STOP").unlink(missing_ok=True)
     emit("start", step=start, total=args.epochs, device="cpu")
     best = 0.0
     for epoch in range(start + 1, args.epochs + 1):
@@ -82,8 +87,8 @@ def finetune(args) -> int:
         emit("epoch", step=epoch, total=args.epochs, loss=1.0 / epoch, dice=dice, best_dice=best, lr=args.lr)
         checkpoint.write_text(json.dumps({"epoch": epoch}))
         emit("checkpoint", step=epoch, total=args.epochs, path=str(checkpoint))
-        if _stop:
-            emit("warning", message="stopped by signal 2; checkpoint saved")
+        if (_stop or (out / "STOP").exists()) and not ignore_stop:
+            emit("warning", message="stopped on request; resume with --resume")
             return 130
     labels = [{"value": 1, "name": "liver", "color": [221, 130, 101]}]
     for kind in ("best", "last"):
@@ -95,6 +100,27 @@ def finetune(args) -> int:
             "labels": labels, "preprocessing": {"spacing": [1.5, 1.5, 2.0], "intensity_window": [-175.0, 250.0],
                                                 "roi_size": [96, 96, 96]}}))
     emit("done", outputs={"best": str(out / "best"), "last": str(out / "last")})
+    return 0
+
+
+def sample(args) -> int:
+    import tempfile
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    folder = Path(os.environ.get("FAKE_LOGONET_SAMPLE_DIR") or tempfile.mkdtemp(prefix="fake-sample-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    array = np.zeros((12, 16, 16), dtype=np.int16)
+    array[3:9, 4:12, 4:12] = 200
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((3.0, 3.0, 3.0))
+    path = folder / "example_ct.nii.gz"
+    sitk.WriteImage(image, str(path))
+    if os.environ.get("FAKE_LOGONET_SAMPLE_FAIL"):
+        print("logonet sample: error: no network and no cached copy", file=sys.stderr, flush=True)
+        return 2
+    print(json.dumps({"root": str(folder), "ct": str(path)}) if args.json else str(path), flush=True)
     return 0
 
 
@@ -116,8 +142,10 @@ def main(argv=None) -> int:
     for name in ("--preset", "--device", "--progress", "--name", "--init", "--model"):
         ft.add_argument(name, default=None)
     ft.add_argument("--resume", action="store_true")
+    sm = sub.add_parser("sample")
+    sm.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    return segment(args) if args.command == "segment" else finetune(args)
+    return {"segment": segment, "finetune": finetune, "sample": sample}[args.command](args)
 
 
 if __name__ == "__main__":
