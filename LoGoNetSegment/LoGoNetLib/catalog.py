@@ -9,6 +9,13 @@ Three sources, merged:
 A model is a model-card folder (``model.json`` + ``weights.safetensors``, docs/interfaces.md). Here it is only
 read as JSON, never with torch: the full validation happens in the worker (``logonet.modelcard.load``) and a
 broken card is listed with its problem instead of crashing the module.
+
+A catalog entry may also name a ``url`` (https) and the ``sha256`` of a zipped model card instead of a ``path``:
+it is downloaded on first use (with progress), verified, unpacked without path traversal into
+``<home>/models/<id>-<sha256[:12]>`` and used from there afterwards (:mod:`.download`).
+
+A catalog ``title`` may say ``{organs}``: it is replaced by the number of labels the card has, so the title
+cannot disagree with the model.
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Union
 
 from .core import resources_dir
 
@@ -92,19 +99,74 @@ class ModelEntry:
     def usable(self) -> bool:
         return self.error is None
 
+    url: Optional[str] = None  # a model delivered as a zipped card (downloaded on first use)
+    sha256: Optional[str] = None
+
+    @property
+    def downloaded(self) -> bool:
+        return self.url is None or bool(self.meta)
+
     def tooltip(self) -> str:
         if self.error:
             return f"Cannot be used: {self.error}"
+        if not self.downloaded:
+            return f"{self.description}\nDownloaded on first use from {self.url}".strip()
         names = ", ".join(str(label.get("name")) for label in self.labels)
-        dice = (self.meta.get("metrics") or {}).get("val_dice")
-        text = f"{self.description}\nFolder: {self.path}\nSegments: {names}".strip()
-        if isinstance(dice, dict) and dice:
-            text += "\nValidation Dice: " + ", ".join(f"{k} {v:.2f}" for k, v in dice.items()
-                                                     if isinstance(v, (int, float)))
-        return text
+        text = f"{self.description}\nFolder: {self.path}\nSegments ({len(self.labels)}): {names}".strip()
+        accuracy = dice_summary(self.meta)
+        return text + ("\n" + accuracy if accuracy else "")
 
 
-def _model_items(path: Path) -> List[Dict]:
+def _dice_text(value) -> Optional[str]:
+    return f"{float(value):.2f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _per_organ(dice) -> str:
+    if not isinstance(dice, dict):
+        return ""
+    parts = [f"{k} {_dice_text(v)}" for k, v in dice.items() if _dice_text(v) is not None]
+    return ("\n  " + ", ".join(parts)) if parts else ""
+
+
+def dice_summary(meta: Dict) -> str:
+    """The card's accuracy, labelled for what it is: Dice on an unseen scan when the card has it, else the
+    validation Dice named by where it was measured (a model's own training scan is not a held-out test)."""
+    metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
+    unseen = _dice_text(metrics.get("unseen_mean_dice"))
+    if unseen is not None or isinstance(metrics.get("unseen_dice"), dict):
+        scan = str(metrics.get("unseen_scan") or "a scan it was not trained on")
+        if unseen is None:
+            values = [v for v in (metrics.get("unseen_dice") or {}).values() if _dice_text(v) is not None]
+            unseen = _dice_text(sum(values) / len(values)) if values else "n/a"
+        return f"Dice on unseen scan ({scan}): {unseen}" + _per_organ(metrics.get("unseen_dice"))
+    mean = _dice_text(metrics.get("val_mean_dice"))
+    per_organ = metrics.get("val_dice")
+    if mean is None and isinstance(per_organ, dict):
+        values = [v for v in per_organ.values() if _dice_text(v) is not None]
+        mean = _dice_text(sum(values) / len(values)) if values else None
+    if mean is None:
+        return ""
+    source = metrics.get("val_source")
+    if source is None:  # cards written before val_source existed
+        training = meta.get("training") if isinstance(meta.get("training"), dict) else {}
+        train_cases, val_cases = training.get("train_cases"), training.get("val_cases")
+        if train_cases and val_cases is not None and sorted(map(str, train_cases)) == sorted(map(str, val_cases)):
+            source = "training_scan"
+    label = {"training_scan": "Dice on its training scan (not a held-out test)",
+             "synthetic": "Dice on synthetic validation volumes (not real CT)",
+             "held_out": "Dice on held-out validation cases"}.get(str(source),
+                                                                  "Dice on its validation cases (source not recorded)")
+    return f"{label}: {mean}" + _per_organ(per_organ)
+
+
+def title_from_card(title: str, meta: Dict) -> str:
+    """``{organs}`` in a catalog title becomes the card's label count ("?" until a download is made)."""
+    labels = meta.get("labels") if isinstance(meta, dict) else None
+    count = str(len(labels)) if isinstance(labels, list) and labels else "?"
+    return title.replace("{organs}", count)
+
+
+def _model_items(path: Path, keys=("path",)) -> List[Dict]:
     """The ``{"models": [{"path": ..., ...}]}`` entries of a catalog or registry file. A missing, unreadable or
     hand-broken file gives no entries (logged) rather than a module that cannot open."""
     if not path.is_file():
@@ -118,7 +180,7 @@ def _model_items(path: Path) -> List[Dict]:
     if not isinstance(models, list):
         logging.warning('LoGoNet: ignoring the model list %s: expected {"models": [...]}', path)
         return []
-    return [item for item in models if isinstance(item, dict) and isinstance(item.get("path"), str)]
+    return [item for item in models if isinstance(item, dict) and any(isinstance(item.get(k), str) for k in keys)]
 
 
 def _slug(text: str) -> str:
@@ -148,14 +210,54 @@ class ModelCatalog:
             entry.description = description or str(entry.meta.get("description") or "")
         except ValueError as error:
             entry.error = str(error)
+        entry.title = title_from_card(title, entry.meta)
+        return entry
+
+    def download_dir(self, model_id: str, sha256: str) -> Path:
+        """Where a downloaded model lives: one folder per id and archive checksum (a new version is a new folder)."""
+        return self.models_dir / f"{_slug(model_id)}-{sha256.lower()[:12]}"
+
+    def _url_entry(self, item: Dict) -> ModelEntry:
+        model_id = str(item.get("id") or _slug(Path(str(item["url"])).stem))
+        title, description = str(item.get("title") or model_id), str(item.get("description") or "")
+        sha = str(item.get("sha256") or "")
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", sha):
+            return ModelEntry(id=model_id, title=title, path=self.models_dir / model_id, source="bundled",
+                              description=description, url=str(item["url"]),
+                              error=f"the catalog entry '{model_id}' needs the sha256 of its download")
+        folder = self.download_dir(model_id, sha)
+        if (folder / META).is_file():  # downloaded before: use the cached card
+            entry = self._entry(model_id, title, folder, "bundled", description)
+        else:
+            entry = ModelEntry(id=model_id, title=title_from_card(title, {}), path=folder, source="bundled",
+                               description=description)
+        entry.url, entry.sha256 = str(item["url"]), sha.lower()
         return entry
 
     def bundled(self) -> List[ModelEntry]:
-        items = _model_items(self.catalog_file)
+        items = _model_items(self.catalog_file, keys=("path", "url"))
         base = self.catalog_file.parent
-        return [self._entry(str(item.get("id") or _slug(str(item["path"]))), str(item.get("title") or item["path"]),
-                            base / str(item["path"]), "bundled", str(item.get("description") or ""))
+        return [self._url_entry(item) if isinstance(item.get("url"), str) and not isinstance(item.get("path"), str)
+                else self._entry(str(item.get("id") or _slug(str(item["path"]))), str(item.get("title") or item["path"]),
+                                 base / str(item["path"]), "bundled", str(item.get("description") or ""))
                 for item in items]
+
+    def ensure_downloaded(self, entry: ModelEntry,
+                          progress: Optional[Callable[[int, Optional[int]], None]] = None) -> ModelEntry:
+        """A catalog model given by URL, downloaded, verified and unpacked on first use (cached afterwards)."""
+        if entry.downloaded or entry.error:
+            return entry
+        from .download import install_model_zip
+
+        folder = install_model_zip(entry.url, entry.sha256, self.download_dir(entry.id, entry.sha256),
+                                   progress=progress)
+        fresh = next((e for e in self.bundled() if e.id == entry.id and e.path == folder), None)
+        if fresh is None:  # the catalog changed meanwhile: describe the folder itself
+            fresh = self._entry(entry.id, entry.title, folder, entry.source, entry.description)
+            fresh.url, fresh.sha256 = entry.url, entry.sha256
+        if fresh.error:
+            raise ValueError(fresh.error)
+        return fresh
 
     def _registry(self) -> List[Dict]:
         return _model_items(self.registry_file)
@@ -167,7 +269,7 @@ class ModelCatalog:
                                 Path(item["path"]), "registered") for item in self._registry()]
         if self.models_dir.is_dir():
             for folder in sorted(self.models_dir.iterdir()):
-                if folder.is_dir() and (card_folder(folder) / META).is_file():
+                if folder.is_dir() and not folder.name.startswith(".") and (card_folder(folder) / META).is_file():
                     entries.append(self._entry(folder.name, folder.name, folder, "installed"))
         seen, unique = set(), []
         for entry in entries:

@@ -231,6 +231,8 @@ class SegmentLogic:
         except ValueError as error:
             raise LoGoNetError(str(error)) from error
         roi = roi_to_ijk(inputVolume, roiNode) if roiNode is not None else None
+        if not entry.downloaded:
+            entry = self.download_model(entry, log, progressCallback)
         if self.installing:
             raise LoGoNetError("the Python packages are being installed: wait until the install has finished")
         if self.task is not None and self.task.running:
@@ -305,6 +307,29 @@ class SegmentLogic:
     def cancel(self) -> None:
         if self.task is not None:
             self.task.cancel()
+
+    def download_model(self, entry: ModelEntry, log: Callable[[str], None] = lambda text: None,
+                       progressCallback: Optional[Callable[[float, str], None]] = None) -> ModelEntry:
+        """Fetch a catalog model given by URL (first use only), with progress; a clear error otherwise."""
+        from .download import DownloadError
+
+        log(f"Downloading the model '{entry.title}' from {entry.url} (first use only)...")
+        throttle = Throttle(0.25)
+        idle = getattr(getattr(slicer, "app", None), "processEvents", None)
+
+        def progress(done: int, total: Optional[int]) -> None:
+            if progressCallback is not None and throttle.ready(force=bool(total) and done >= total):
+                size = f"{done / 1e6:.1f} of {total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"
+                progressCallback(done / total if total else 0.0, f"Downloading the model: {size}")
+            if idle is not None:
+                idle()
+
+        try:
+            entry = self.catalog.ensure_downloaded(entry, progress=progress)
+        except (DownloadError, ValueError) as error:
+            raise LoGoNetError(f"the model '{entry.title}' could not be downloaded: {error}") from error
+        log(f"Model saved in {entry.path}")
+        return entry
 
     # ------------------------------------------------------------------------------------------ import
     def _finish(self, task: SegmentTask, output_segmentation, log: Callable[[str], None]) -> None:

@@ -146,6 +146,7 @@ class TrainLogic:
         self.ask = ask or (lambda question: True)
         self.chart = chart
         self.task: Optional[TrainTask] = None
+        self.installing = False  # the first-use dependency install is running (Start must stay disabled)
 
     # ------------------------------------------------------------------------------------------ validation
     def problems(self, settings: TrainSettings) -> List[str]:
@@ -211,7 +212,15 @@ class TrainLogic:
         problems = self.problems(settings)
         if problems:
             raise LoGoNetError("; ".join(problems))
-        installed = self.installer.ensure(ask=self.ask, log=log)
+        if self.installing:
+            raise LoGoNetError("the Python packages are being installed: wait until the install has finished")
+        if self.task is not None and self.task.running:
+            raise LoGoNetError("a training run is already running: stop it first")
+        self.installing = True
+        try:
+            installed = self.installer.ensure(ask=self.ask, log=log)
+        finally:
+            self.installing = False
         if not installed.ok:
             raise LoGoNetError("; ".join(installed.problems))
         if installed.restart_needed:
