@@ -38,6 +38,10 @@ KEYS = ("image", "label")
 #: in the body. "classes": each crop's centre is drawn from one class chosen uniformly (background included),
 #: so a 200-voxel adrenal gland is the centre as often as the liver.
 CROP_MODES = ("foreground", "classes")
+#: Training augmentation profiles. "nnunet" (default): nnU-Net's spatial and intensity augmentation without
+#: mirroring, since left and right organs are different classes here. "paper": the paper's flips per axis, rot90
+#: and intensity scale/shift. "none": crops only.
+AUGMENT_MODES = ("nnunet", "paper", "none")
 
 
 @dataclass
@@ -62,6 +66,7 @@ class PreprocessConfig:
     intensity_scale: float = 0.1  # RandScaleIntensityd factors
     intensity_shift: float = 0.1  # RandShiftIntensityd offsets
     intensity_prob: float = 0.1
+    augment: str = "nnunet"  # AUGMENT_MODES; the *_prob fields above belong to "paper"
     cache_dir: Optional[str] = None  # PersistentDataset folder; None = no cache
 
     def __post_init__(self) -> None:
@@ -83,6 +88,8 @@ class PreprocessConfig:
         for name in ("flip_prob", "rot90_prob", "intensity_prob"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise UserError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
+        if self.augment not in AUGMENT_MODES:
+            raise UserError(f"augment must be one of {list(AUGMENT_MODES)}, got {self.augment!r}")
         if len(self.orientation) != 3:
             raise UserError(f"orientation must be three axis codes such as 'RAS', got {self.orientation!r}")
 
@@ -201,7 +208,7 @@ def channel_values(label_values: Sequence[int]) -> List[int]:
 def train_transforms(cfg: PreprocessConfig, keys: Sequence[str] = KEYS,
                      label_values: Optional[Sequence[int]] = None) -> Any:
     """Training pipeline: deterministic part, label-guided ``num_samples`` crops of ``roi_size`` (``cfg.crop_by``),
-    paper augmentations (flips per axis, rot90, intensity scale/shift), then a clip to [0, 1].
+    the augmentations of ``cfg.augment`` (:func:`augmentations`), then a clip to [0, 1].
 
     label_values: the dataset's foreground values; given, labels become channel indices 0..K
     (:func:`channel_values`) before cropping. ``crop_by="classes"`` needs them (it must know K).
@@ -227,16 +234,44 @@ def train_transforms(cfg: PreprocessConfig, keys: Sequence[str] = KEYS,
     else:  # unlabeled (SSL): plain random crops
         steps.append(mt.RandSpatialCropSamplesd(keys=keys, roi_size=cfg.roi_size, num_samples=cfg.num_samples,
                                                 random_size=False))
-    steps += [mt.RandFlipd(keys=keys, prob=cfg.flip_prob, spatial_axis=axis) for axis in range(3)]
+    steps += augmentations(cfg, keys)
     steps += [
-        mt.RandRotate90d(keys=keys, prob=cfg.rot90_prob, max_k=3),
-        mt.RandScaleIntensityd(keys="image", factors=cfg.intensity_scale, prob=cfg.intensity_prob),
-        mt.RandShiftIntensityd(keys="image", offsets=cfg.intensity_shift, prob=cfg.intensity_prob),
-        # Scale/shift may leave [0, 1]; the network's input contract is [0, 1].
+        # Intensity augmentations may leave [0, 1]; the network's input contract is [0, 1].
         mt.ScaleIntensityRanged(keys="image", a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True),
         mt.EnsureTyped(keys=keys, track_meta=False),
     ]
     return mt.Compose(steps)
+
+
+def augmentations(cfg: PreprocessConfig, keys: Sequence[str] = KEYS) -> List[Any]:
+    """The random augmentations of ``cfg.augment``, applied to each crop (image in [0, 1] after the window).
+
+    "nnunet": rotation (+-15 deg axial, +-8 deg otherwise) and scaling 0.8-1.25 (p 0.25), Gaussian noise (p 0.15),
+    blur (p 0.2), brightness (p 0.15), HU shift of up to +-0.1 of the window (p 0.15, contrast phases), gamma
+    0.7-1.5 (p 0.3) and simulated low resolution (p 0.25): nnU-Net's defaults, minus mirroring.
+    """
+    from monai import transforms as mt
+
+    keys = list(keys)
+    has_label = "label" in keys
+    if cfg.augment == "none":
+        return []
+    if cfg.augment == "paper":
+        return [mt.RandFlipd(keys=keys, prob=cfg.flip_prob, spatial_axis=axis) for axis in range(3)] + [
+            mt.RandRotate90d(keys=keys, prob=cfg.rot90_prob, max_k=3),
+            mt.RandScaleIntensityd(keys="image", factors=cfg.intensity_scale, prob=cfg.intensity_prob),
+            mt.RandShiftIntensityd(keys="image", offsets=cfg.intensity_shift, prob=cfg.intensity_prob)]
+    small, axial = np.deg2rad(8.0), np.deg2rad(15.0)
+    return [
+        mt.RandAffined(keys=keys, prob=0.25, rotate_range=(small, small, axial), scale_range=(0.2, 0.2, 0.2),
+                       mode=("bilinear", "nearest") if has_label else "bilinear", padding_mode="zeros"),
+        mt.RandGaussianNoised(keys="image", prob=0.15, mean=0.0, std=0.03, sample_std=True),
+        mt.RandGaussianSmoothd(keys="image", prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
+        mt.RandScaleIntensityd(keys="image", factors=0.25, prob=0.15),
+        mt.RandShiftIntensityd(keys="image", offsets=0.1, prob=0.15),
+        mt.RandAdjustContrastd(keys="image", prob=0.3, gamma=(0.7, 1.5)),
+        mt.RandSimulateLowResolutiond(keys=keys if not has_label else "image", prob=0.25, zoom_range=(0.5, 1.0)),
+    ]
 
 
 def val_transforms(cfg: PreprocessConfig, keys: Sequence[str] = KEYS,

@@ -196,16 +196,21 @@ def make_loader(dataset: Any, batch_size: int, *, shuffle: bool = True, dist: Op
 # AMP and schedule
 # ----------------------------------------------------------------------------------------------------------
 class RepeatDataset(torch.utils.data.Dataset):
-    """``times`` passes over ``dataset`` per epoch (one-scan datasets would otherwise be one step per epoch)."""
+    """``times`` passes over ``dataset`` per epoch (one-scan datasets would otherwise be one step per epoch):
+    one number for every item, or one per item (a few real scans weighed against many synthetic ones)."""
 
-    def __init__(self, dataset: Any, times: int) -> None:
-        self.dataset, self.times = dataset, max(1, int(times))
+    def __init__(self, dataset: Any, times: Any) -> None:
+        counts = [int(times)] * len(dataset) if isinstance(times, int) else [int(t) for t in times]
+        if len(counts) != len(dataset):
+            raise ValueError(f"RepeatDataset: {len(counts)} repeat counts for {len(dataset)} items")
+        self.dataset = dataset
+        self.order = [i for i, n in enumerate(counts) for _ in range(max(1, n))]
 
     def __len__(self) -> int:
-        return len(self.dataset) * self.times
+        return len(self.order)
 
     def __getitem__(self, index: int) -> Any:
-        return self.dataset[index % len(self.dataset)]
+        return self.dataset[self.order[index]]
 
 
 def training_dataset(items: List[Dict[str, Any]], transform: Any, cache: str, cache_dir: Path, workers: int) -> Any:

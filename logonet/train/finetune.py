@@ -31,8 +31,9 @@ DEFAULT_ROI = 96
 # command line
 # ----------------------------------------------------------------------------------------------------------
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", metavar="DATA", help="dataset folder (MSD dataset.json, nnU-Net imagesTr/labelsTr, "
-                                                     "or images/ + labels/)")
+    parser.add_argument("data", metavar="DATA", nargs="+",
+                        help="dataset folder(s) (MSD dataset.json, nnU-Net imagesTr/labelsTr, or images/ + labels/); "
+                             "several folders are mixed, e.g. real scans and 'logonet synth' cases")
     parser.add_argument("--out", required=True, help="output folder: best/ and last/ model cards, checkpoint, metrics")
     parser.add_argument("--model", default="logonet", help="network name (see logonet.nets.available_models)")
     parser.add_argument("--preset", default="S", help="size preset for logonet/ulkanet: T (tiny), S (paper), L")
@@ -52,18 +53,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="where crops are centred: foreground (half on labelled voxels, half anywhere in the "
                              "body) or classes (each class equally often, so small organs are seen as often as "
                              "the liver)")
-    parser.add_argument("--repeats", type=int, default=1, help="passes over the training cases per epoch")
+    parser.add_argument("--repeats", type=int, nargs="+", default=[1],
+                        help="passes over the training cases per epoch: one number, or one per DATA folder (weights "
+                             "a few real scans against many synthetic ones)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--weight-decay", type=float, default=1e-5)
     parser.add_argument("--grad-clip", type=float, default=12.0,
                         help="clip the gradient's global norm to this (nnU-Net's 12; 0: no clipping)")
     parser.add_argument("--warmup", type=int, default=None, help="warmup epochs (default: 10%% of --epochs)")
     parser.add_argument("--batch", type=int, default=1, help="volumes per step (each gives --samples crops)")
+    parser.add_argument("--val-data", metavar="DIR", default=None,
+                        help="validate (and pick the best epoch) on this labelled folder instead of a split of DATA, "
+                             "e.g. synthetic cases of another seed")
     parser.add_argument("--val-fraction", type=float, default=0.2,
                         help="share of cases held out for validation (0: validate on the training cases)")
     parser.add_argument("--val-every", type=int, default=1, help="validate every N epochs (and after the last)")
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in validation")
-    parser.add_argument("--no-augment", action="store_true", help="switch off flips/rotations/intensity jitter")
+    parser.add_argument("--augment", default="nnunet", choices=["nnunet", "paper", "none"],
+                        help="training augmentation: nnunet (default: rotation, scaling, noise, blur, brightness, "
+                             "gamma, low resolution; no mirroring), paper (flips, rot90, intensity jitter), none")
+    parser.add_argument("--no-augment", action="store_true", help="same as --augment none")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
     parser.add_argument("--workers", type=int, default=0, help="data loader worker processes")
@@ -89,6 +98,29 @@ def discover_cases(folder: str) -> Tuple[List[Dict[str, Any]], Dict[int, str]]:
     if not cases:
         raise UserError(f"{folder} has no labelled cases (image + label pairs); fine-tuning needs labels")
     return cases, {int(k): str(v) for k, v in index.label_names.items() if int(k) != 0}
+
+
+def discover_folders(folders: Sequence[str], repeats: Sequence[int]) -> Tuple[List[Dict[str, Any]], Dict[int, str], List[int]]:
+    """Cases of several folders (ids prefixed by the folder name when there are several), the union of their
+    label names (a value must mean the same organ in each), and each case's passes per epoch."""
+    if len(repeats) not in (1, len(folders)):
+        raise UserError(f"--repeats takes one number or one per DATA folder ({len(folders)}), got {list(repeats)}")
+    if any(r < 1 for r in repeats):
+        raise UserError(f"--repeats must be at least 1, got {list(repeats)}")
+    per_folder = list(repeats) * len(folders) if len(repeats) == 1 else list(repeats)
+    cases: List[Dict[str, Any]] = []
+    names: Dict[int, str] = {}
+    weights: List[int] = []
+    for folder, times in zip(folders, per_folder):
+        found, found_names = discover_cases(folder)
+        for value, name in found_names.items():
+            if value in names and names[value].lower() != name.lower():
+                raise UserError(f"label value {value} is '{names[value]}' in one DATA folder and '{name}' in {folder}")
+            names[value] = name
+        prefix = f"{Path(folder).name}/" if len(folders) > 1 else ""
+        cases += [{**case, "id": f"{prefix}{case['id']}"} for case in found]
+        weights += [times] * len(found)
+    return cases, names, weights
 
 
 def split_cases(cases: List[Dict[str, Any]], val_fraction: float, seed: int) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
@@ -194,8 +226,16 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--model-kwargs is not valid JSON: {error}") from error
     if not isinstance(model_kwargs, dict):
         raise UserError("--model-kwargs must be a JSON object such as '{\"channels\": [16, 32]}'")
-    cases, names = discover_cases(args.data)
-    train_cases, val_cases = split_cases(cases, args.val_fraction, args.seed)
+    cases, names, weights = discover_folders(args.data, args.repeats)
+    if args.val_data:
+        val_cases, val_names = discover_cases(args.val_data)
+        train_cases = cases
+        names = {**val_names, **names}
+        val_source = "held_out"
+    else:
+        train_cases, val_cases = split_cases(cases, args.val_fraction, args.seed)
+        val_source = "training_scan" if val_cases == train_cases else "held_out"
+    weight_of = {str(c["id"]): w for c, w in zip(cases, weights)}
     values = sorted(v for v in names if v != 0)
     if not values:
         raise UserError(f"{args.data}: no label names found; add a dataset.json with a \"labels\" map")
@@ -207,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
         spacing=eng.triple_argument(args.spacing, "spacing", defaults.spacing),
         intensity_window=tuple(args.window) if args.window else defaults.intensity_window,
         roi_size=roi, num_samples=args.samples, crop_by=args.crop_by, cache_dir=None,
-        **({"flip_prob": 0.0, "rot90_prob": 0.0, "intensity_prob": 0.0} if args.no_augment else {}))
+        augment="none" if args.no_augment else args.augment)
 
     dist = eng.setup_distributed(args.device)
     try:
@@ -218,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
                       classes=n_classes)
         train_tf, val_tf = build_transforms(cfg, values)
         cached = eng.training_dataset(train_cases, train_tf, args.cache, out / "cache", args.workers)
-        train_ds = eng.RepeatDataset(cached, args.repeats)
+        train_ds = eng.RepeatDataset(cached, [weight_of[str(c["id"])] for c in train_cases])
         loader = eng.make_loader(train_ds, batch_size=args.batch, shuffle=True, dist=dist, seed=args.seed,
                                  num_workers=args.workers, collate_fn=list_data_collate)
         val_items: List[Dict[str, Any]] = []
@@ -265,13 +305,15 @@ def run(args: argparse.Namespace) -> int:
                 out / kind, net, name=args.name or out.name, architecture=architecture, labels=entries,
                 preprocessing=preprocessing,
                 description=f"{args.model} {preset or ''} fine-tuned with logonet finetune ({kind} epoch)".replace("  ", " "),
-                training={"command": command, "data": str(Path(args.data).resolve()),
+                training={"command": command, "data": [str(Path(d).resolve()) for d in args.data],
+                          "val_data": str(Path(args.val_data).resolve()) if args.val_data else None,
                           "train_cases": [str(c["id"]) for c in train_cases],
                           "val_cases": [str(c["id"]) for c in val_cases],
                           "epochs": epochs_done, "epochs_planned": args.epochs, "lr": args.lr,
                           "init": args.init, "seed": args.seed, "world_size": dist.world_size,
                           "wall_time_s": round(time.time() - started, 1)},
-                metrics={"val_dice": per_class, "val_mean_dice": metrics.get("dice"), "loss": metrics.get("loss")},
+                metrics={"val_dice": per_class, "val_mean_dice": metrics.get("dice"), "val_source": val_source,
+                         "loss": metrics.get("loss")},
                 dtype=torch.float16 if args.fp16_weights else None)
 
         trainer = eng.Engine(model, config, out, step_fn=step, train_loader=loader, validate_fn=validator,

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The bundled default model and the scratch-vs-SSL comparison behind it (Resources/Models/demo/REPRODUCE.md).
+#   scripts/default_model.sh data              # synthetic training + validation sets, SSL volume folder
+#   scripts/default_model.sh pretrain          # masked SSL on every unlabeled volume at hand
+#   scripts/default_model.sh finetune ARM SEED # ARM: scratch | ssl; writes runs/default-ARM-sSEED
+# Every stage is resumable: run the same line again after an interruption.
+# Never used here: the sample's DICOM series and aorta_report scan (the unseen test scans).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+LOGONET=${LOGONET:-.venv/bin/logonet}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+RUNS=${RUNS:-runs}
+COMMON=(--model logonet --preset T --spacing 3 --roi 64 --samples 2 --crop-by classes --batch 1
+        --overlap 0.25 --amp bf16 --grad-clip 12 --progress jsonl)
+
+case "${1:-}" in
+  data)
+    $LOGONET demo --prepare-data "$RUNS/default-real"                      # the sample CT, BTCV labels
+    [ -f "$RUNS/default-synth/dataset.json" ] || $LOGONET synth sample "$RUNS/default-synth" --cases 60 --seed 0
+    [ -f "$RUNS/default-synth-val/dataset.json" ] || $LOGONET synth sample "$RUNS/default-synth-val" --cases 6 --seed 1
+    mkdir -p "$RUNS/default-ssl-volumes"                                   # images only: labels are not used
+    cp "$RUNS"/default-real/imagesTr/*.nii.gz "$RUNS"/default-synth/imagesTr/*.nii.gz "$RUNS/default-ssl-volumes/"
+    ;;
+  pretrain)
+    resume=(); [ -f "$RUNS/default-ssl/checkpoint.pt" ] && resume=(--resume)
+    $LOGONET pretrain "$RUNS/default-ssl-volumes" --out "$RUNS/default-ssl" --model logonet --preset T \
+      --spacing 3 --roi 64 --samples 2 --batch 1 --epochs 8 --warmup 1 --lr 1e-3 --amp bf16 --cache memory \
+      --seed 0 --progress jsonl "${resume[@]}"
+    ;;
+  finetune)
+    arm=${2:?scratch or ssl}; seed=${3:?seed}
+    init=(); [ "$arm" = ssl ] && init=(--init "$RUNS/default-ssl/best")
+    out="$RUNS/default-$arm-s$seed"
+    resume=(); [ -f "$out/checkpoint.pt" ] && resume=(--resume)
+    $LOGONET finetune "$RUNS/default-real" "$RUNS/default-synth" --repeats 10 1 --val-data "$RUNS/default-synth-val" \
+      --out "$out" "${COMMON[@]}" --epochs 14 --warmup 1 --lr 4e-3 --val-every 2 --seed "$seed" \
+      --name default --fp16-weights "${init[@]}" "${resume[@]}"
+    ;;
+  *) sed -n 2,7p "$0"; exit 2 ;;
+esac
