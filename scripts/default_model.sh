@@ -24,7 +24,7 @@ case "${1:-}" in
   pretrain)
     resume=(); [ -f "$RUNS/default-ssl/checkpoint.pt" ] && resume=(--resume)
     $LOGONET pretrain "$RUNS/default-ssl-volumes" --out "$RUNS/default-ssl" --model logonet --preset T \
-      --spacing 3 --roi 64 --samples 2 --batch 1 --epochs 8 --warmup 1 --lr 1e-3 --amp bf16 --cache memory \
+      --spacing 3 --roi 64 --samples 2 --batch 1 --epochs 5 --warmup 1 --lr 1e-3 --amp bf16 --cache memory \
       --seed 0 --progress jsonl "${resume[@]}"
     ;;
   finetune)
