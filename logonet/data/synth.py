@@ -200,7 +200,8 @@ def _degradations(settings: SynthSettings, seed: int):
     steps = mt.Compose([
         mt.RandGaussianSmoothd(keys="image", sigma_x=(0.3, 1.0), sigma_y=(0.3, 1.0), sigma_z=(0.3, 1.0),
                                prob=settings.blur_prob),
-        mt.RandBiasFieldd(keys="image", degree=3, coeff_range=(0.0, 0.08), prob=settings.bias_prob),
+        # CT shading (cupping, beam hardening) is tens of HU: a field of +-5% around 1 on HU + 1024.
+        mt.RandBiasFieldd(keys="image", degree=3, coeff_range=(-0.01, 0.01), prob=settings.bias_prob),
         mt.RandGaussianNoised(keys="image", mean=0.0, std=20.0, prob=settings.noise_prob, sample_std=True),
         mt.RandSimulateLowResolutiond(keys="image", zoom_range=(0.5, 1.0), prob=settings.lowres_prob),
     ])
