@@ -50,7 +50,7 @@ def test_config_round_trip_and_validation():
 @pytest.mark.parametrize("roi", [(32, 32, 32), (64, 64, 32)])  # 64 > the 48^3 phantom: padded
 def test_training_crops_have_roi_size_unit_range_and_aligned_labels(cases, roi):
     cfg = PreprocessConfig(spacing=PHANTOM_SPACING, roi_size=roi, num_samples=3, flip_prob=1.0, rot90_prob=1.0,
-                           intensity_prob=0.0)
+                           intensity_prob=0.0, augment="paper")
     torch.manual_seed(0)
     pipeline = train_transforms(cfg)
     pipeline.set_random_state(seed=0)
@@ -97,9 +97,49 @@ def test_class_balanced_crops_centre_small_organs_as_often_as_large_ones(cases):
 
 def test_intensity_augmentation_still_in_unit_range(cases):
     cfg = PreprocessConfig(spacing=PHANTOM_SPACING, roi_size=(32, 32, 32), num_samples=2, intensity_prob=1.0,
-                           intensity_scale=0.5, intensity_shift=0.5)
+                           intensity_scale=0.5, intensity_shift=0.5, augment="paper")
     for crop in train_transforms(cfg)(dict(cases[1])):
         assert float(crop["image"].min()) >= 0.0 and float(crop["image"].max()) <= 1.0
+
+
+def _random_steps(cfg: PreprocessConfig) -> list:
+    return [type(t).__name__ for t in train_transforms(cfg, label_values=list(range(1, 14))).transforms
+            if type(t).__name__.startswith("Rand")]
+
+
+def test_default_augmentation_is_nnunet_like_without_mirroring():
+    """Default: rotation/scaling, noise, blur, brightness, HU shift, gamma, low resolution; never a flip (a
+    mirrored right kidney would be labelled right but lie on the left) nor rot90. "paper" and "none" remain."""
+    assert PreprocessConfig().augment == "nnunet"
+    default = _random_steps(PreprocessConfig(crop_by="classes"))
+    assert default == ["RandCropByLabelClassesd", "RandAffined", "RandGaussianNoised", "RandGaussianSmoothd",
+                       "RandScaleIntensityd", "RandShiftIntensityd", "RandAdjustContrastd",
+                       "RandSimulateLowResolutiond"]
+    assert "RandFlipd" in _random_steps(PreprocessConfig(crop_by="classes", augment="paper"))
+    assert _random_steps(PreprocessConfig(crop_by="classes", augment="none")) == ["RandCropByLabelClassesd"]
+    with pytest.raises(UserError, match="augment must be one of"):
+        PreprocessConfig(augment="heavy")
+
+
+def test_default_augmentation_changes_crops_but_keeps_labels_aligned_and_range(cases):
+    """Over many draws the nnU-Net-like crops differ from the plain ones (intensity and geometry), stay in
+    [0, 1], keep channel-index labels, and each organ keeps its relative brightness (image and label move
+    together)."""
+    plain_cfg = PreprocessConfig(spacing=PHANTOM_SPACING, roi_size=(32, 32, 32), num_samples=8, augment="none")
+    aug_cfg = PreprocessConfig(spacing=PHANTOM_SPACING, roi_size=(32, 32, 32), num_samples=8)
+    plain, augmented = train_transforms(plain_cfg), train_transforms(aug_cfg)
+    plain.set_random_state(seed=3)
+    augmented.set_random_state(seed=3)  # same crop centres: the difference is the augmentation
+    changed = 0
+    for a, b in zip(plain(dict(cases[0])), augmented(dict(cases[0]))):
+        image, label = b["image"], b["label"]
+        assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
+        assert set(np.unique(label.numpy())) <= set(range(14))
+        changed += int(not torch.equal(a["image"], image))
+        means = organ_means(image, label)
+        if LIVER in means and GALLBLADDER in means:
+            assert means[GALLBLADDER] < means[LIVER]
+    assert changed >= 4
 
 
 def test_known_organ_lands_where_it_should(cases):

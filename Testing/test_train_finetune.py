@@ -111,6 +111,33 @@ def test_finetune_learns_then_resumes(two_organ_data, tmp_path, capsys):
     assert report.loaded == report.total and not report.mismatched
 
 
+def test_finetune_mixes_folders_with_their_repeats_and_validates_on_val_data(two_organ_data, make_phantom_dataset,
+                                                                             tmp_path, capsys):
+    """Two DATA folders (e.g. real x3 + synthetic x1): steps per epoch follow the per-folder repeats, the card
+    lists both folders' cases, validation runs on --val-data only and is recorded as held out; the default
+    augmentation is nnunet."""
+    other = make_phantom_dataset(cases=1, size=48, seed=4)
+    out = tmp_path / "mix"
+    args = [a for a in COMMON if a != "--no-augment"]
+    code = cli.main(["finetune", str(two_organ_data), str(other), "--repeats", "3", "1", "--val-data", str(other),
+                     "--out", str(out), "--epochs", "1", "--warmup", "0", "--batch", "1", *args])
+    events = _events(capsys.readouterr().out)
+    assert code == 0, events[-1]
+    steps = [e for e in events if e["event"] == "progress" and str(e.get("stage", "")).startswith("epoch")]
+    assert steps[-1]["total"] == 2 * 3 + 1 * 1
+    card = modelcard.load(out / "last")
+    training = card.meta["training"]
+    assert training["train_cases"] == [f"{two_organ_data.name}/{c}" for c in ("phantom_000", "phantom_001")] + \
+        [f"{other.name}/phantom_000"]
+    assert training["val_cases"] == ["phantom_000"] and training["val_data"] == str(other.resolve())
+    assert card.meta["metrics"]["val_source"] == "held_out"
+    assert card.meta["preprocessing"]["augment"] == "nnunet"
+    # --repeats must give one number, or one per folder.
+    assert cli.main(["finetune", str(two_organ_data), str(other), "--repeats", "1", "2", "3",
+                     "--out", str(tmp_path / "bad"), *args]) == 2
+    assert "one per DATA folder" in capsys.readouterr().err
+
+
 def test_finetune_bad_arguments(make_phantom_dataset, tmp_path, capsys):
     data = make_phantom_dataset(cases=2, size=32, seed=0)
     assert cli.main(["finetune", str(data), "--out", str(tmp_path / "a"), "--roi", "40", "--model", "logonet", *BASE]) == 2

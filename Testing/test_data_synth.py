@@ -1,0 +1,143 @@
+"""logonet synth: synthetic labelled CTs from a real TotalSegmentator map (deterministic, source geometry, HU
+inside the drawn phase ranges, organs present, thin slabs) on a small crop of the sample's training CT."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from logonet.cli import main
+from logonet.data import datasets, io
+from logonet.data.labels import totalseg_to_btcv
+from logonet.data.synth import PHASES, TISSUES, SynthSettings, synthesise, write_synth_dataset
+from logonet.errors import UserError
+
+#: No degradations, no texture, little noise: the drawn means must be read back from the image.
+PLAIN = SynthSettings(texture=(0.0, 0.0), tissue_noise=(1.0, 1.0), blur_prob=0.0, bias_prob=0.0, noise_prob=0.0,
+                      lowres_prob=0.0, slab_prob=0.0, elastic_magnitude=(0.0, 0.0), rotate_deg=0.0, scale=0.0)
+
+
+@pytest.fixture(scope="module")
+def source(sample_ct: Dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A pairs dataset with one case: an 80x50x30 crop of the sample CT through liver, spleen and kidneys."""
+    root = tmp_path_factory.mktemp("synth_source")
+    ct, seg = io.read_image(sample_ct["ct"]), io.read_image(sample_ct["ct_labels_totalseg"])
+    box = [slice(10, 90), slice(20, 70), slice(75, 105)]  # x, y, z (SimpleITK index order)
+    crop_ct, crop_seg = ct[box[0], box[1], box[2]], seg[box[0], box[1], box[2]]
+    assert {1, 5}.issubset(set(np.unique(sitk.GetArrayFromImage(crop_seg))))  # spleen, liver
+    io.write_image(crop_ct, root / "images" / "case0.nii.gz")
+    io.write_image(crop_seg, root / "labels" / "case0.nii.gz")
+    return root
+
+
+def _read(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def test_same_seed_same_case_other_seed_other_case(source: Path, tmp_path: Path):
+    a = write_synth_dataset(source, tmp_path / "a", cases=2, seed=5)
+    b = write_synth_dataset(source, tmp_path / "b", cases=3, seed=5)  # case i does not depend on --cases
+    c = write_synth_dataset(source, tmp_path / "c", cases=2, seed=6)
+    for i in range(2):
+        name = f"synth_{i:03d}.nii.gz"
+        np.testing.assert_array_equal(_read(a / "imagesTr" / name), _read(b / "imagesTr" / name))
+        np.testing.assert_array_equal(_read(a / "labelsTr" / name), _read(b / "labelsTr" / name))
+        assert np.abs(_read(a / "imagesTr" / name).astype(float) - _read(c / "imagesTr" / name)).mean() > 5
+    assert np.abs(_read(a / "imagesTr" / "synth_000.nii.gz").astype(float)
+                  - _read(a / "imagesTr" / "synth_001.nii.gz")).mean() > 5
+
+
+def test_geometry_equals_the_source_map_and_organs_are_present(source: Path, tmp_path: Path):
+    out = write_synth_dataset(source, tmp_path / "s", cases=3, seed=0,
+                              settings=SynthSettings(slab_prob=0.0))
+    src = io.read_image(source / "labels" / "case0.nii.gz")
+    organs = set(np.unique(totalseg_to_btcv(sitk.GetArrayFromImage(src)))) - {0}
+    for i in range(3):
+        image = io.read_image(out / "imagesTr" / f"synth_{i:03d}.nii.gz")
+        label = io.read_image(out / "labelsTr" / f"synth_{i:03d}.nii.gz")
+        assert io.same_geometry(image, src) and io.same_geometry(label, src)
+        assert image.GetPixelID() == sitk.sitkInt16
+        present = set(np.unique(sitk.GetArrayFromImage(label))) - {0}
+        assert present == organs  # deformation moves organs, it never drops one
+    meta = json.loads((out / "dataset.json").read_text())
+    assert set(int(v) for v in meta["labels"]) == organs | {0}
+    assert datasets.validate(out).layout == "msd"
+
+
+def test_tissue_intensities_are_the_drawn_means_inside_the_phase_ranges(sample_ct, source: Path):
+    ct, seg = io.read_image(source / "images" / "case0.nii.gz"), io.read_image(source / "labels" / "case0.nii.gz")
+    hu = sitk.GetArrayFromImage(ct).astype(np.float32)
+    labels = sitk.GetArrayFromImage(seg).astype(np.int16)
+    phases = set()
+    for index in range(6):
+        array, btcv, info = synthesise(ct, hu, labels, seed=1, index=index, settings=PLAIN)
+        phases.add(info["phase"])
+        assert info["phase"] in PHASES
+        for tissue in TISSUES:
+            low, high = tissue.hu[info["phase"]]
+            assert low <= info["mean_hu"][tissue.name] <= high, tissue.name
+        for organ, tissue in ((6, "liver"), (1, "spleen")):
+            assert abs(np.median(array[btcv == organ]) - info["mean_hu"][tissue]) < 3
+    assert len(phases) >= 2  # contrast phases vary between cases
+
+
+def test_default_synthesis_keeps_hu_plausible_and_texture(source: Path, tmp_path: Path):
+    out = write_synth_dataset(source, tmp_path / "d", cases=4, seed=2)
+    meta = json.loads((out / "dataset.json").read_text())["logonet"]["cases"]
+    for i, info in enumerate(meta):
+        image = _read(out / "imagesTr" / f"synth_{i:03d}.nii.gz").astype(float)
+        labels = _read(out / "labelsTr" / f"synth_{i:03d}.nii.gz")
+        liver = image[labels == 6]
+        if liver.size == 0:  # a slab that missed the liver
+            continue
+        low, high = [t for t in TISSUES if t.name == "liver"][0].hu[info["phase"]]
+        assert low - 60 < np.median(liver) < high + 60
+        assert image.min() >= -1024 and image.max() <= 3071
+
+
+def test_slab_keeps_a_thin_axial_band_and_air_elsewhere(source: Path):
+    ct, seg = io.read_image(source / "images" / "case0.nii.gz"), io.read_image(source / "labels" / "case0.nii.gz")
+    hu = sitk.GetArrayFromImage(ct).astype(np.float32)
+    labels = sitk.GetArrayFromImage(seg).astype(np.int16)
+    settings = SynthSettings(slab_prob=1.0, slab_mm=(30.0, 30.0))
+    array, btcv, info = synthesise(ct, hu, labels, seed=0, index=0, settings=settings)
+    first, stop = info["slab"]
+    assert stop - first == 10  # 30 mm at 3 mm
+    outside = np.ones(array.shape[0], dtype=bool)
+    outside[first:stop] = False
+    assert (array[outside] <= -960).all() and (btcv[outside] == 0).all()
+    assert (btcv[first:stop] > 0).any() and (array[first:stop] > -100).mean() > 0.2
+
+
+def test_bad_sources_are_refused_with_a_reason(source: Path, tmp_path: Path):
+    btcv_only = tmp_path / "btcv"
+    image = io.read_image(source / "images" / "case0.nii.gz")
+    io.write_image(image, btcv_only / "images" / "a.nii.gz")
+    io.write_image(sitk.Cast(image > 5000, sitk.sitkUInt8) + 200, btcv_only / "labels" / "a.nii.gz")
+    with pytest.raises(UserError, match="not TotalSegmentator ids"):
+        write_synth_dataset(btcv_only, tmp_path / "o1", cases=1)
+    with pytest.raises(UserError, match="at least 1"):
+        write_synth_dataset(source, tmp_path / "o2", cases=0)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        write_synth_dataset(source, tmp_path / "busy", cases=1)
+
+
+def test_cli_writes_a_dataset_that_finetune_reads(source: Path, tmp_path: Path, capsys):
+    from logonet.train.finetune import discover_folders
+
+    out = tmp_path / "cli"
+    assert main(["synth", str(source), str(out), "--cases", "2", "--seed", "3", "--progress", "none"]) == 0
+    assert "wrote 2 synthetic cases" in capsys.readouterr().out
+    other = write_synth_dataset(source, tmp_path / "other", cases=1, seed=4)
+    cases, names, weights = discover_folders([str(out), str(other)], [3, 1])  # e.g. real scans x3 + synthetic
+    assert [c["id"] for c in cases] == ["cli/synth_000", "cli/synth_001", "other/synth_000"]
+    assert names[6] == "liver" and weights == [3, 3, 1]
+    with pytest.raises(UserError, match="one per DATA folder"):
+        discover_folders([str(out), str(other)], [3, 1, 1])
+    assert main(["synth", str(source), str(tmp_path / "x"), "--slab-prob", "2"]) == 2
