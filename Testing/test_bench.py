@@ -131,3 +131,22 @@ def test_report_fills_markers(tmp_path, capsys):
     assert cli.main(["bench", "report", "--out", str(tmp_path), "--doc", str(doc)]) == 0
     assert doc.read_text() == text
     assert fill(text, tmp_path)[0] == text  # idempotent
+
+
+def test_gpu_script_runs_on_the_cpu_with_tiny_sizes(tmp_path, capsys):
+    """The prepared GPU run (bench gpu) on the CPU: LoGoNet-T on one 64^3 window, a training step, the
+    out-of-memory row says it needs CUDA, float16 autocast is skipped on the CPU, a bad variant is refused."""
+    import torch
+
+    from logonet.bench import gpu
+
+    assert gpu.paper_grid() == (273, 273, 150)  # 512x512x120 at 0.8x0.8x2.5 mm -> 1.5x1.5x2 mm
+    cpu = torch.device("cpu")
+    row = gpu.case_row("logonet:T", {}, gpu.VARIANTS[0], (64, 64, 48), 64, cpu, runs=1)
+    assert row["status"] == "ok" and row["case_s"] > 0 and row["first_call_s"] > 0 and row["peak_mib"] > 0
+    assert gpu.case_row("logonet:T", {}, gpu.VARIANTS[1], (64, 64, 48), 64, cpu, 1)["status"].startswith("skipped")
+    assert gpu.oom_fallback_row("logonet:T", (64, 64, 48), 64, cpu)["status"] == "skipped (no CUDA device)"
+    step = gpu.train_row("logonet:T", 64, cpu, runs=1)
+    assert step["status"] == "ok" and step["step_s"] > 0 and step["amp"] == "off"
+    assert cli.main(["bench", "gpu", "--tiny", "--device", "cpu", "--variants", "fp64", "--out", str(tmp_path)]) == 2
+    assert "unknown --variants ['fp64']" in capsys.readouterr().err

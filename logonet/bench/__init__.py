@@ -1,4 +1,4 @@
-"""``logonet bench speed | volume | accuracy | ssl | report``: benchmarks against the paper's peers.
+"""``logonet bench speed | volume | accuracy | ssl | gpu | report``: benchmarks against the paper's peers.
 
 Each measuring sub-command writes ``OUT/<name>.md`` (its tables, the exact command, the machine), one CSV per
 table and ``OUT/<name>_machine.json``; ``--quick`` is the few-minute variant. ``report`` pastes the ``.md`` files
@@ -16,6 +16,8 @@ SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
     "volume": ("volume", "whole-volume segmentation time and peak memory per stage"),
     "accuracy": ("accuracy", "Dice per organ on held-out phantoms, every model trained with the same budget"),
     "ssl": ("selfsup", "SSL pre-training vs training from scratch with 2 and 4 labelled phantoms, several seeds"),
+    "gpu": ("gpu", "the prepared one-GPU run: per-case time and memory (fp32/fp16/bf16/channels_last/compile), "
+                   "out-of-memory fallback, training step"),
     "report": ("report", "paste the benchmark .md files into docs/benchmarks.md"),
 }
 
