@@ -22,6 +22,7 @@ NOT_SLICER_API = {
     "InsertNextBlankRow": "vtkTable method since VTK 5 (Slicer 5.8 ships VTK 9.x); not used in Slicer's own code",
     "PyTorchUtilsLogic": "the PyTorch extension's logic class (EXTENSION_DEPENDS PyTorch), not Slicer core",
     "Thread": "threading.Thread",
+    "S_ISLNK": "stat.S_ISLNK (Python standard library)",
     "WeakSet": "weakref.WeakSet",
 }
 

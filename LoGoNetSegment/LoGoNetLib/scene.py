@@ -48,6 +48,17 @@ def write_volume(volume_node, path) -> Path:
     return path
 
 
+def load_volume(path, name: Optional[str] = None):
+    """Load a scalar volume file into the scene through the Volumes logic (works headless and in Slicer)."""
+    if not os.path.isfile(str(path)):
+        raise RuntimeError(f"{path} does not exist")
+    logic = slicer.modules.volumes.logic()
+    node = logic.AddArchetypeVolume(str(path), name or Path(str(path)).name.split(".")[0], 0, vtk.vtkStringArray())
+    if node is None:
+        raise RuntimeError(f"{path} could not be read as a volume")
+    return node
+
+
 def read_labelmap(path):
     """Read a label file into a ``vtkMRMLLabelMapVolumeNode`` that is *not* in the scene."""
     node = slicer.vtkMRMLLabelMapVolumeNode()

@@ -11,6 +11,7 @@ Nothing is added to the scene until the worker succeeded: a cancelled or failed 
 from __future__ import annotations
 
 import atexit
+import json
 import math
 import os
 import re
@@ -155,6 +156,29 @@ class SegmentTask:
     def cancel(self) -> None:
         if self.process is not None:
             self.process.cancel()
+
+
+class SampleTask:
+    """The 'Load sample CT' run: ``state``, then ``volume`` (the loaded node) or ``error_message``."""
+
+    def __init__(self) -> None:
+        self.process: Optional[BackgroundProcess] = None
+        self.volume = None
+        self.state = "running"
+        self.error_message: Optional[str] = None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.running
+
+    def poll(self) -> bool:
+        return self.process.poll() if self.process is not None else False
+
+    def wait(self, timeout: Optional[float] = None) -> str:
+        idle = getattr(getattr(slicer, "app", None), "processEvents", None)
+        if self.process is not None:
+            self.process.wait(timeout=timeout, idle=idle)
+        return self.state
 
 
 class SegmentLogic:
@@ -307,6 +331,58 @@ class SegmentLogic:
     def cancel(self) -> None:
         if self.task is not None:
             self.task.cancel()
+
+    # ------------------------------------------------------------------------------------------ sample CT
+    def load_sample_ct(self, waitForCompletion: bool = True, logCallback: Optional[Callable[[str], None]] = None,
+                       completedCallback: Optional[Callable[["SampleTask"], None]] = None) -> "SampleTask":
+        """Run the core's ``sample --json`` (downloads the public example CT once, then uses the cache) in a
+        separate process and load the CT into the scene as ``example_ct``. With ``waitForCompletion`` a failure
+        raises :class:`LoGoNetError`; otherwise ``completedCallback(task)`` gets ``task.volume`` or
+        ``task.error_message``."""
+        log = logCallback or (lambda text: None)
+        task = SampleTask()
+        lines: List[str] = []
+        command = list(self.command_prefix or logonet_command()) + ["sample", "--json"]
+        log("Fetching the sample CT (once; later runs use the cached copy): " + describe_command(command))
+
+        def on_log(text: str) -> None:
+            lines.append(text)
+            if not text.lstrip().startswith("{"):
+                log(text)
+
+        def on_finished(process: BackgroundProcess) -> None:
+            try:
+                if process.state != SUCCEEDED:
+                    raise LoGoNetError(f"the sample CT could not be fetched: {process.error_message or process.state}")
+                paths = None
+                for line in reversed(lines):
+                    try:
+                        candidate = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(candidate, dict) and isinstance(candidate.get("ct"), str):
+                        paths = candidate
+                        break
+                if paths is None:
+                    raise LoGoNetError("the sample command printed no CT path")
+                task.volume = sc.load_volume(paths["ct"], name="example_ct")
+                task.state = SUCCEEDED
+                log(f"Loaded the sample CT {paths['ct']}")
+            except Exception as error:  # shown to the user as is
+                task.state, task.error_message = FAILED, str(error)
+                log(f"Error: {task.error_message}")
+            if completedCallback is not None:
+                completedCallback(task)
+
+        task.process = BackgroundProcess(command, env=subprocess_env(), on_log=on_log, on_finished=on_finished)
+        task.process.start()
+        if waitForCompletion:
+            task.wait()
+            if task.state == FAILED:
+                raise LoGoNetError(task.error_message or "the sample CT could not be loaded")
+        else:
+            schedule_polling(task, interval_ms=300)
+        return task
 
     def download_model(self, entry: ModelEntry, log: Callable[[str], None] = lambda text: None,
                        progressCallback: Optional[Callable[[float, str], None]] = None) -> ModelEntry:
