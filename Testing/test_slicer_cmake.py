@@ -119,6 +119,27 @@ def test_extension_metadata_and_modules():
     assert sets["EXTENSION_ICONURL"][0].endswith("Resources/Icons/LoGoNet.png")
 
 
+def test_license_and_extension_index_description_agree_with_cmake():
+    """Extensions Index readiness: a LICENSE at the root (the license pyproject declares) and a .s4ext whose
+    fields match CMakeLists.txt; the URLs stay visibly TODO until the repository is public."""
+    license_text = (REPO / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in license_text and "Version 2.0" in license_text
+    assert 'license = {text = "Apache-2.0"}' in (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    fields = {}
+    for line in (REPO / "LoGoNet.s4ext").read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition(" ")
+            fields[key] = value.strip()
+    sets = cmake_sets(REPO / "CMakeLists.txt")
+    assert fields["category"] == sets["EXTENSION_CATEGORY"][0]
+    assert fields["depends"].split() == sets["EXTENSION_DEPENDS"]
+    assert fields["description"] == sets["EXTENSION_DESCRIPTION"][0]
+    assert fields["homepage"] == sets["EXTENSION_HOMEPAGE"][0] and fields["iconurl"] == sets["EXTENSION_ICONURL"][0]
+    for key in ("scmurl", "homepage", "iconurl"):
+        assert "TODO-publish" in fields[key], f"{key} must stay marked TODO until the repository is public"
+    assert fields["scm"] == "git" and fields["enabled"] == "1"
+
+
 def test_the_checker_catches_an_unlisted_file(monkeypatch):
     """The check itself: an extra file in a module folder is reported."""
     extra = REPO / "LoGoNetTrain" / "Resources" / "unlisted_probe.txt"
