@@ -275,12 +275,7 @@ def _check_complete(path: Path) -> None:
         return
     import nibabel as nib
 
-    try:
-        header = nib.load(str(path)).header
-        need = int(header.get_data_offset()) + int(np.prod(header.get_data_shape(), dtype=np.int64)) \
-            * header.get_data_dtype().itemsize
-    except Exception as error:  # noqa: BLE001 - nibabel raises many types for a broken header
-        raise UserError(f"cannot read the NIfTI header of {path} ({error}); the file is corrupt") from error
+    have = path.stat().st_size
     if name.endswith(".gz"):
         have = 0
         try:
@@ -290,8 +285,11 @@ def _check_complete(path: Path) -> None:
         except (EOFError, OSError, zlib.error) as error:
             raise UserError(f"{path} is truncated or corrupt: its gzip stream does not decode to the end "
                             f"({error}); the file was not written completely, get a complete copy") from error
-    else:
-        have = path.stat().st_size
+    try:
+        proxy = nib.load(str(path)).dataobj  # the on-disk layout (the image's header copy drops the offset)
+        need = int(proxy.offset) + int(np.prod(proxy.shape, dtype=np.int64)) * np.dtype(proxy.dtype).itemsize
+    except Exception as error:  # noqa: BLE001 - nibabel raises many types for a broken header
+        raise UserError(f"cannot read the NIfTI header of {path} ({error}); the file is corrupt") from error
     if have < need:
         raise UserError(f"{path} is truncated: its header promises {need} bytes, the file holds {have}; "
                         "get a complete copy")
