@@ -32,8 +32,8 @@ case "${1:-}" in
     init=(); [ "$arm" = ssl ] && init=(--init "$RUNS/default-ssl/best")
     out="$RUNS/default-$arm-s$seed"
     resume=(); [ -f "$out/checkpoint.pt" ] && resume=(--resume)
-    $LOGONET finetune "$RUNS/default-real" "$RUNS/default-synth" --repeats 10 1 --val-data "$RUNS/default-synth-val" \
-      --out "$out" "${COMMON[@]}" --epochs 12 --warmup 1 --lr 4e-3 --val-every 2 --seed "$seed" \
+    $LOGONET finetune "$RUNS/default-real" "$RUNS/default-synth" --repeats 20 1 --val-data "$RUNS/default-synth-val" \
+      --out "$out" "${COMMON[@]}" --epochs 16 --warmup 1 --lr 4e-3 --val-every 2 --seed "$seed" \
       --name default --fp16-weights "${init[@]}" "${resume[@]}"
     ;;
   *) sed -n 2,7p "$0"; exit 2 ;;
