@@ -3,6 +3,9 @@
 #   scripts/default_model.sh data              # synthetic training + validation sets, SSL volume folder
 #   scripts/default_model.sh pretrain          # masked SSL on every unlabeled volume at hand
 #   scripts/default_model.sh finetune ARM SEED # ARM: scratch | ssl; writes runs/default-ARM-sSEED
+#   scripts/default_model.sh evaluate ARM SEED # logonet segment + evaluate on the unseen DICOM series and the
+#                                              # training scan (after training: never feeds back into it)
+#   scripts/default_model.sh table             # both arms' per-organ tables (markdown) from those CSVs
 # Every stage is resumable: run the same line again after an interruption.
 # Never used here: the sample's DICOM series and aorta_report scan (the unseen test scans).
 set -euo pipefail
@@ -36,5 +39,18 @@ case "${1:-}" in
       --out "$out" "${COMMON[@]}" --epochs 10 --warmup 1 --lr 4e-3 --val-every 2 --seed "$seed" \
       --name default --fp16-weights "${init[@]}" "${resume[@]}"
     ;;
-  *) sed -n 2,7p "$0"; exit 2 ;;
+  evaluate)
+    run="$RUNS/default-${2:?scratch or ssl}-s${3:?seed}"
+    SAMPLE=${SAMPLE:-$HOME/.cache/logonet/sample}
+    $LOGONET segment "$SAMPLE/example_ct_dicom" "$run/eval/unseen_seg.nii.gz" --model "$run/best"
+    $LOGONET evaluate "$run/eval/unseen_seg.nii.gz" "$SAMPLE/example_seg_dicom_btcv.nii.gz" --no-hausdorff \
+      --csv "$run/eval/unseen_dice.csv"
+    $LOGONET segment "$SAMPLE/example_ct.nii.gz" "$run/eval/training_seg.nii.gz" --model "$run/best"
+    $LOGONET evaluate "$run/eval/training_seg.nii.gz" "$SAMPLE/example_ct_btcv.nii.gz" --no-hausdorff \
+      --csv "$run/eval/training_dice.csv"
+    ;;
+  table)
+    ${PYTHON:-.venv/bin/python} scripts/arm_table.py "$RUNS"
+    ;;
+  *) sed -n 2,10p "$0"; exit 2 ;;
 esac

@@ -1,0 +1,67 @@
+"""Scratch vs SSL-initialised default-model runs as markdown tables (REPRODUCE.md, docs/benchmarks.md).
+
+Reads RUNS/default-{scratch,ssl}-sSEED/eval/{unseen,training}_dice.csv (written by
+``scripts/default_model.sh evaluate``) and each run's best card (synthetic-validation Dice, the only figure that
+chose the checkpoint, and wall time). Usage: ``python scripts/arm_table.py [RUNS]``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+
+def read_dice(path: Path) -> Dict[str, float]:
+    with path.open() as handle:
+        return {row["name"]: float(row["dice"]) for row in csv.DictReader(handle)}
+
+
+def runs_of(root: Path) -> List[Path]:
+    found = [p for arm in ("scratch", "ssl") for p in sorted(root.glob(f"default-{arm}-s*"))
+             if (p / "eval" / "unseen_dice.csv").is_file()]
+    if not found:
+        raise SystemExit(f"no evaluated runs under {root} (run scripts/default_model.sh evaluate ARM SEED)")
+    return found
+
+
+def table(runs: List[Path], which: str) -> str:
+    dice = {run.name: read_dice(run / "eval" / f"{which}_dice.csv") for run in runs}
+    organs = [name for name in next(iter(dice.values())) if name != "mean"]
+    arms = {arm: [r.name for r in runs if r.name.startswith(f"default-{arm}-")] for arm in ("scratch", "ssl")}
+    head = ["organ"] + [r.name.replace("default-", "") for r in runs] + [f"{a} mean" for a in arms if arms[a]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for organ in organs + ["mean"]:
+        cells = [f"{dice[r.name].get(organ, float('nan')):.3f}" for r in runs]
+        cells += [f"{statistics.mean(dice[n][organ] for n in names):.3f}" for names in arms.values() if names]
+        label = f"**mean of {len(organs)}**" if organ == "mean" else organ
+        lines.append("| " + " | ".join([label] + cells) + " |")
+    return "\n".join(lines)
+
+
+def run_facts(runs: List[Path]) -> str:
+    lines = ["| run | synthetic-val mean Dice (selects the checkpoint) | best epoch | wall time (min) |",
+             "|---|---|---|---|"]
+    for run in runs:
+        meta = json.loads((run / "best" / "model.json").read_text())
+        metrics, training = meta.get("metrics", {}), meta.get("training", {})
+        lines.append(f"| {run.name.replace('default-', '')} | {metrics.get('val_mean_dice', float('nan')):.3f} | "
+                     f"{training.get('epochs', '?')} | {training.get('wall_time_s', 0) / 60:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: List[str]) -> int:
+    runs = runs_of(Path(argv[0] if argv else "runs"))
+    print("Unseen DICOM series (never trained on, never used to choose anything), Dice per organ:\n")
+    print(table(runs, "unseen"))
+    print("\nTraining scan (seen in training: proves the pipeline, not the model), Dice per organ:\n")
+    print(table(runs, "training"))
+    print("\nModel selection and time:\n")
+    print(run_facts(runs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
