@@ -800,6 +800,8 @@ CHECKPOINT_WRITER = r"""
 import sys, torch
 from torch import nn
 from logonet.train import engine as eng
+from logonet.train import loader as loading
+from logonet.train.distributed import DistContext
 
 class Toy(nn.Module):
     def __init__(self):
@@ -813,10 +815,10 @@ class Toy(nn.Module):
 def build(out, epochs):
     torch.manual_seed(0)
     x = torch.randn(32, 4)
-    loader = eng.make_loader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=16, seed=0)
+    loader = loading.make_loader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=16, seed=0)
     step = lambda m, b, d: nn.functional.mse_loss(m(b[0]), b[1])
     return eng.Engine(Toy(), eng.TrainConfig(epochs=epochs, lr=0.01, warmup_epochs=0, seed=1), out, step_fn=step,
-                      train_loader=loader, dist=eng.DistContext(device=torch.device("cpu")))
+                      train_loader=loader, dist=DistContext(device=torch.device("cpu")))
 
 if __name__ == "__main__":
     build(sys.argv[1], 100000).fit()
@@ -829,7 +831,7 @@ def test_sigkill_during_checkpoint_write_then_resume(tmp_path):
     import importlib.util
 
     from logonet.atomic import prepare_run_folder
-    from logonet.train import engine as eng
+    from logonet.train.checkpoints import load_checkpoint
 
     script = tmp_path / "writer.py"
     script.write_text(CHECKPOINT_WRITER)
@@ -849,7 +851,7 @@ def test_sigkill_during_checkpoint_write_then_resume(tmp_path):
             break
     leftovers = list(out.glob(".checkpoint.pt.*.tmp"))
     assert leftovers, "the kill never landed inside a checkpoint write"
-    saved = eng.load_checkpoint(out / "checkpoint.pt")  # complete: loads with weights_only
+    saved = load_checkpoint(out / "checkpoint.pt")  # complete: loads with weights_only
     assert saved["epoch"] >= 1
     prepare_run_folder(out)
     assert not list(out.glob(".*.tmp"))

@@ -13,6 +13,10 @@ from torch import nn
 from logonet.errors import UserError
 from logonet.events import ProgressReporter, parse_event_line
 from logonet.train import engine as eng
+from logonet.train import loader as loading
+from logonet.train.checkpoints import load_checkpoint
+from logonet.train.distributed import DistContext
+from logonet.runtime import resolve_amp, select_device
 from logonet.train.init import load_matching
 
 
@@ -41,7 +45,7 @@ def _step(model, batch, device):
 
 def _engine(tmp_path, epochs, reporter=None, step=_step, saved=None, lr=0.05):
     torch.manual_seed(0)
-    loader = eng.make_loader(_data(), batch_size=16, shuffle=True, seed=0)
+    loader = loading.make_loader(_data(), batch_size=16, shuffle=True, seed=0)
 
     def validate(model, device):
         x, y = _data(32).tensors
@@ -53,7 +57,7 @@ def _engine(tmp_path, epochs, reporter=None, step=_step, saved=None, lr=0.05):
 
     cfg = eng.TrainConfig(epochs=epochs, lr=lr, warmup_epochs=1, seed=3)
     return eng.Engine(Toy(), cfg, tmp_path, step_fn=step, train_loader=loader, validate_fn=validate,
-                      save_fn=save, reporter=reporter, dist=eng.DistContext(device=torch.device("cpu")))
+                      save_fn=save, reporter=reporter, dist=DistContext(device=torch.device("cpu")))
 
 
 def test_warmup_cosine_shape():
@@ -68,20 +72,20 @@ def test_warmup_cosine_shape():
 
 def test_amp_choice_and_device(monkeypatch):
     cpu = torch.device("cpu")
-    assert eng.resolve_amp("auto", cpu) is None  # CPU autocasts only when asked for bf16
-    assert eng.resolve_amp("bf16", cpu) is torch.bfloat16 and eng.resolve_amp("fp16", cpu) is None
+    assert resolve_amp("auto", cpu) is None  # CPU autocasts only when asked for bf16
+    assert resolve_amp("bf16", cpu) is torch.bfloat16 and resolve_amp("fp16", cpu) is None
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert eng.resolve_amp("auto", cuda) is torch.bfloat16
+    assert resolve_amp("auto", cuda) is torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert eng.resolve_amp("auto", cuda) is torch.float16
-    assert eng.resolve_amp("off", cuda) is None
+    assert resolve_amp("auto", cuda) is torch.float16
+    assert resolve_amp("off", cuda) is None
     with pytest.raises(UserError, match="unknown AMP"):
-        eng.resolve_amp("fp8", cuda)
+        resolve_amp("fp8", cuda)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert eng.select_device("auto").type == "cpu"
+    assert select_device("auto").type == "cpu"
     with pytest.raises(UserError, match="no CUDA GPU"):
-        eng.select_device("cuda")
+        select_device("cuda")
 
 
 def test_fit_learns_writes_metrics_and_checkpoint(tmp_path):
@@ -194,9 +198,9 @@ def test_checkpoint_with_code_is_refused(tmp_path):
     with open(path, "wb") as handle:
         pickle.dump({"format": "logonet-checkpoint", "x": Evil()}, handle)
     with pytest.raises(UserError, match="cannot be loaded safely"):
-        eng.load_checkpoint(path)
+        load_checkpoint(path)
     with pytest.raises(UserError, match="no checkpoint to resume"):
-        eng.load_checkpoint(tmp_path / "none.pt")
+        load_checkpoint(tmp_path / "none.pt")
 
 
 def test_nan_loss_step_is_skipped(tmp_path):
@@ -270,9 +274,9 @@ def test_load_matching_skips_head_and_mismatches():
 
 def test_single_value_batch_norm_is_a_user_error(tmp_path):
     """One crop per step with a 1-voxel bottleneck: a message that says what to change, not a BN traceback."""
-    loader = eng.make_loader(_data(1), batch_size=1, shuffle=False)
+    loader = loading.make_loader(_data(1), batch_size=1, shuffle=False)
     engine = eng.Engine(Toy(), eng.TrainConfig(epochs=1), tmp_path, step_fn=_step, train_loader=loader,
-                        reporter=ProgressReporter("none"), dist=eng.DistContext(device=torch.device("cpu")))
+                        reporter=ProgressReporter("none"), dist=DistContext(device=torch.device("cpu")))
     with pytest.raises(UserError, match="--samples 2"):
         engine.fit()
 
@@ -284,9 +288,9 @@ def test_loader_workers_draw_different_crops_and_ignore_ctrl_c():
     volume = torch.arange(16 ** 3, dtype=torch.float32).reshape(1, 16, 16, 16)
     crop = RandSpatialCropd(keys="image", roi_size=(4, 4, 4), random_size=False)
     crop.set_random_state(seed=0)
-    dataset = eng.RepeatDataset(Dataset([{"image": volume}], transform=crop), 4)
-    loader = eng.make_loader(dataset, batch_size=1, shuffle=False, num_workers=2)
+    dataset = loading.RepeatDataset(Dataset([{"image": volume}], transform=crop), 4)
+    loader = loading.make_loader(dataset, batch_size=1, shuffle=False, num_workers=2)
     corners = [float(batch["image"].flatten()[0]) for batch in loader]
     # item k goes to worker k % 2: with the same RNG state both workers would yield the same corner sequence
     assert corners[0::2] != corners[1::2]
-    assert loader.worker_init_fn is eng._init_worker
+    assert loader.worker_init_fn is loading._init_worker

@@ -7,6 +7,10 @@ from torch import nn
 
 from logonet.events import ProgressReporter
 from logonet.train import engine as eng
+from logonet.train import loader as loading
+from logonet.train.checkpoints import load_checkpoint
+from logonet.train.distributed import DistContext
+from logonet.runtime import resolve_amp, select_device
 
 
 def _data(n: int = 64) -> torch.utils.data.TensorDataset:
@@ -17,7 +21,7 @@ def _data(n: int = 64) -> torch.utils.data.TensorDataset:
 
 def _engine(out, epochs, validate_fn, on_step=None):
     torch.manual_seed(0)
-    loader = eng.make_loader(_data(), batch_size=16, shuffle=True, seed=0)
+    loader = loading.make_loader(_data(), batch_size=16, shuffle=True, seed=0)
 
     def step(model, batch, device):
         if on_step is not None:
@@ -27,7 +31,7 @@ def _engine(out, epochs, validate_fn, on_step=None):
 
     cfg = eng.TrainConfig(epochs=epochs, lr=0.01, warmup_epochs=1, seed=3)
     return eng.Engine(nn.Linear(4, 1), cfg, out, step_fn=step, train_loader=loader, validate_fn=validate_fn,
-                      reporter=ProgressReporter("none"), dist=eng.DistContext(device=torch.device("cpu")))
+                      reporter=ProgressReporter("none"), dist=DistContext(device=torch.device("cpu")))
 
 
 def test_stop_file_stops_during_training_and_resume_finishes(tmp_path):

@@ -53,7 +53,7 @@ def sliding_window_logits(model: torch.nn.Module, image: torch.Tensor, roi: Sequ
     """
     from monai.inferers import sliding_window_inference
 
-    from .train.engine import autocast
+    from .runtime import autocast
 
     def predictor(window: torch.Tensor) -> torch.Tensor:
         with autocast(device, amp_dtype):
@@ -172,7 +172,7 @@ class Predictor:
     def __init__(self, model: PathLike = "demo", device: str = "auto", *, overlap: float = 0.5,
                  sw_batch_size: int = 4, amp: str = "auto", reporter: Optional[ProgressReporter] = None) -> None:
         from .data.transforms import PreprocessConfig
-        from .train.engine import resolve_amp, select_device
+        from .runtime import resolve_amp, select_device
 
         self.card = modelcard.load_model(model)
         if not self.card.labels:

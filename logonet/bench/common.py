@@ -39,7 +39,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 def setup(args: argparse.Namespace) -> Tuple[ProgressReporter, torch.device]:
     """Pin torch's threads, pick the device, make the reporter."""
     from ..errors import UserError
-    from ..train.engine import select_device
+    from ..runtime import select_device
 
     if args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")

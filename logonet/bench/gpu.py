@@ -157,7 +157,7 @@ def train_row(spec: str, roi: int, device: torch.device, runs: int) -> Dict[str,
     """Median seconds of one training step (DiceCE, AdamW) on a (1, 1, roi^3) crop with AMP where it applies."""
     from monai.losses import DiceCELoss
 
-    from ..train.engine import autocast
+    from ..runtime import autocast
 
     amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     row: Dict[str, Any] = {"model": spec, "crop": f"{roi}^3", "amp": str(amp).replace("torch.", "") if amp else "off"}

@@ -33,7 +33,10 @@ from ..atomic import atomic_write
 from ..errors import UserError
 from ..events import ProgressReporter, reporter_for
 from ..nets.pretrain_head import PretrainHead
+from .. import runtime
+from ..train import checkpoints, distributed, options
 from ..train import engine as eng
+from ..train import loader as loading
 from ..train.init import HEAD_PREFIX
 from .loss import masked_cluster_loss
 from .masking import PAPER_PATCH_SIZES, MaskingConfig, mask_crop
@@ -233,16 +236,16 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {args.epochs}")
-    roi = eng.roi_argument(args.roi, DEFAULT_ROI)
+    roi = options.roi_argument(args.roi, DEFAULT_ROI)
     if args.features < 1 or args.tau <= 0:
         raise UserError(f"--features must be positive and --tau > 0, got {args.features}, {args.tau}")
     from ..atomic import prepare_run_folder  # --out usable, stale temps of a killed run gone
     prepare_run_folder(out, "--out")
-    eng.check_output_folder(out, args.resume, "pre-training run")
+    checkpoints.check_output_folder(out, args.resume, "pre-training run")
     masking = MaskingConfig(phi1=args.phi1, chain=args.chain, phi2=args.phi2, slice_axis=args.slice_axis,
                             patch_sizes=PAPER_PATCH_SIZES)
     defaults = PreprocessConfig.preset("ssl")
-    cfg = PreprocessConfig.preset("ssl", spacing=eng.triple_argument(args.spacing, "spacing", defaults.spacing),
+    cfg = PreprocessConfig.preset("ssl", spacing=options.triple_argument(args.spacing, "spacing", defaults.spacing),
                                   intensity_window=tuple(args.window), roi_size=roi, num_samples=args.samples)
     preprocessing = {k: v for k, v in cfg.to_dict().items() if k != "cache_dir"}
     settings = ClusterSettings(clusterers=args.clusterers, k_min=args.k_min, k_max=args.k_max,
@@ -253,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
     label_dir = Path(args.pseudolabels) if args.pseudolabels else out / "pseudolabels"
     architecture = architecture_for(args, roi)
 
-    dist = eng.setup_distributed(args.device)
+    dist = distributed.setup_distributed(args.device)
     started = time.time()
     try:
         if not dist.is_main:
@@ -270,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
             volumes = scan_volumes(args.data, out, reporter)  # rank 0's verdicts are cached: no file is read again
         labeler = PseudoLabeler.load(label_dir).to(dist.device)
 
-        eng.seed_everything(args.seed + dist.rank)
+        runtime.seed_everything(args.seed + dist.rank)
         try:
             backbone = build_model(architecture["name"], in_channels=1, out_channels=architecture["out_channels"],
                                    preset=architecture["preset"], **architecture["kwargs"])
@@ -281,9 +284,9 @@ def run(args: argparse.Namespace) -> int:
 
         items = [{"image": path} for path in volumes]
         transform = train_transforms(cfg, keys=("image",))
-        dataset = eng.RepeatDataset(eng.training_dataset(items, transform, args.cache, out / "cache", args.workers),
+        dataset = loading.RepeatDataset(loading.training_dataset(items, transform, args.cache, out / "cache", args.workers),
                                     args.repeats)
-        loader = eng.make_loader(dataset, batch_size=args.batch, shuffle=True, dist=dist, seed=args.seed,
+        loader = loading.make_loader(dataset, batch_size=args.batch, shuffle=True, dist=dist, seed=args.seed,
                                  num_workers=args.workers, collate_fn=list_data_collate)
         reporter.emit("stage", stage="pretrain", volumes=len(volumes), clusterers=labeler.num_clusterers,
                       k_max=labeler.k_max, model=architecture["name"])
@@ -327,7 +330,7 @@ def run(args: argparse.Namespace) -> int:
                   f"initialise fine-tuning with: logonet finetune DATA --init {out} --model {args.model}")
         return 0
     finally:
-        eng.cleanup_distributed(dist)
+        distributed.cleanup_distributed(dist)
 
 
 def _wait_for_pseudolabels(folder: Path, poll_s: float = 2.0) -> None:

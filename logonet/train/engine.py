@@ -1,11 +1,11 @@
 """The training loop shared by fine-tuning and SSL pre-training.
 
-One :class:`Engine` owns everything that does not depend on the task: device and AMP, AdamW with linear
-warmup + cosine decay, atomic checkpoints with exact resume (model, optimizer, scheduler, scaler, epoch,
-best metric, RNG states), SIGINT/SIGTERM -> checkpoint and clean exit, fixed seeds, a metrics CSV and PNG
-plot, progress events (:mod:`logonet.events`) and ``torchrun`` / DistributedDataParallel. The task plugs in
-a *step function* (batch -> scalar loss) and optionally a *validation function* (model -> metrics) and a
-*save function* (writes model cards for the best/last model).
+One :class:`Engine` owns everything that does not depend on the task: AdamW with linear warmup + cosine decay,
+checkpoints with exact resume (:mod:`.checkpoints`), SIGINT/SIGTERM or a ``STOP`` file -> checkpoint and clean
+exit, the metrics CSV and plot (:mod:`.metrics`), progress events (:mod:`logonet.events`) and ``torchrun`` /
+DistributedDataParallel (:mod:`.distributed`). The task plugs in a *step function* (batch -> scalar loss) and
+optionally a *validation function* (model -> metrics) and a *save function* (writes model cards for the
+best/last model). :mod:`.session` builds all of this for the ``finetune`` and ``pretrain`` commands.
 
 Minimal use::
 
@@ -19,25 +19,23 @@ Minimal use::
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import math
-import os
-import random
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..errors import UserError
 from ..events import ProgressReporter
-from ..atomic import atomic_write
+from ..runtime import autocast, resolve_amp, seed_everything, select_device
+from .checkpoints import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .distributed import DistContext
+from .metrics import METRICS_CSV, write_metrics
 
 #: step_fn(model, batch, device) -> scalar loss, or (loss, {metric: float}) for extra per-step metrics.
 StepFn = Callable[[nn.Module, Any, torch.device], Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, float]]]]
@@ -46,209 +44,10 @@ ValidateFn = Callable[[nn.Module, torch.device], Dict[str, float]]
 #: save_fn(kind, model, epoch, metrics) with kind "best" or "last"; called on rank 0 only, model unwrapped.
 SaveFn = Callable[[str, nn.Module, int, Dict[str, float]], None]
 
-CHECKPOINT_NAME = "checkpoint.pt"
-METRICS_CSV = "metrics.csv"
 #: A file of this name in the output folder asks a running fit to checkpoint and stop (Slicer's Stop writes it).
 STOP_FILE = "STOP"
 STOP_BY_FILE = -1  # the stop "signal" recorded when the request came from STOP_FILE
-METRICS_PNG = "metrics.png"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# device, seeds, distributed
-# ----------------------------------------------------------------------------------------------------------
-def select_device(preference: str = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available else CPU; ``"cpu"``; ``"cuda"``/``"cuda:N"`` (UserError if absent)."""
-    preference = (preference or "auto").lower()
-    if preference == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if preference == "cpu":
-        return torch.device("cpu")
-    if preference.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {preference} was requested but no CUDA GPU is available; "
-                            "use --device cpu or --device auto")
-        return torch.device(preference)
-    raise UserError(f"unknown device {preference!r}: use auto, cpu, cuda or cuda:N")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices) so a run is repeatable."""
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
-
-
-@dataclass
-class DistContext:
-    """Where this process sits in a (possibly single-process) job."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    backend: Optional[str] = None
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str = "auto") -> DistContext:
-    """Join the ``torchrun`` process group when launched by it (env ``WORLD_SIZE`` > 1), else a single process.
-
-    Backend: NCCL on CUDA (one GPU per local rank), gloo on CPU.
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return DistContext(device=select_device(device))
-    import torch.distributed as tdist
-
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = select_device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-        backend = "nccl"
-    else:
-        backend = "gloo"
-    if not tdist.is_initialized():
-        tdist.init_process_group(backend=backend, init_method="env://")
-    return DistContext(rank=rank, local_rank=local_rank, world_size=world_size, device=dev, backend=backend)
-
-
-def triple_argument(values: Optional[Sequence[float]], name: str, default: Sequence[float]) -> Tuple[float, float, float]:
-    """``--name`` given as 1 or 3 numbers (or not at all) -> three floats."""
-    if values is None:
-        return tuple(float(v) for v in default)  # type: ignore[return-value]
-    if len(values) == 1:
-        values = list(values) * 3
-    if len(values) != 3:
-        raise UserError(f"--{name} takes 1 or 3 numbers, got {len(values)}")
-    return tuple(float(v) for v in values)  # type: ignore[return-value]
-
-
-def check_output_folder(out: Union[str, Path], resume: bool, what: str = "training run") -> Path:
-    """Refuse to start a fresh run over an existing one (it would overwrite its checkpoint); ``--resume`` continues."""
-    out = Path(out)
-    if (out / CHECKPOINT_NAME).exists() and not resume:
-        raise UserError(f"{out} already holds a {what} (checkpoint.pt); use --resume to continue it "
-                        "or choose another --out")
-    return out
-
-
-def roi_argument(values: Optional[List[int]], default: int = 96) -> Tuple[int, int, int]:
-    """``--roi`` (1 or 3 ints) -> a 3-tuple whose sides are multiples of 32, else UserError."""
-    values = list(values) if values else [default]
-    if len(values) == 1:
-        values = values * 3
-    if len(values) != 3:
-        raise UserError(f"--roi takes 1 or 3 numbers, got {len(values)}")
-    roi = tuple(int(v) for v in values)
-    if any(r < 32 or r % 32 for r in roi):
-        raise UserError(f"--roi {roi}: every side must be a multiple of 32 (the networks downsample 32x)")
-    return roi  # type: ignore[return-value]
-
-
-def cleanup_distributed(ctx: Optional[DistContext]) -> None:
-    if ctx is not None and ctx.distributed:
-        import torch.distributed as tdist
-
-        if tdist.is_initialized():
-            tdist.destroy_process_group()
-
-
-def _init_worker(worker_id: int) -> None:
-    """DataLoader workers ignore Ctrl-C/Stop (the main process handles it and checkpoints; a worker dying on
-    it would crash the main loop first) and re-seed their MONAI transforms (else every worker replays the same
-    crops)."""
-    from monai.data.utils import worker_init_fn
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    worker_init_fn(worker_id)
-
-
-def make_loader(dataset: Any, batch_size: int, *, shuffle: bool = True, dist: Optional[DistContext] = None,
-                seed: int = 0, num_workers: int = 0, collate_fn: Optional[Callable] = None,
-                drop_last: bool = False) -> torch.utils.data.DataLoader:
-    """A DataLoader that shards with a DistributedSampler under torchrun (the engine calls ``set_epoch``)."""
-    sampler = None
-    if dist is not None and dist.distributed:
-        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank,
-                                                      shuffle=shuffle, seed=seed, drop_last=drop_last)
-    # No private generator: shuffling draws from torch's global RNG, which checkpoints save and resume restores.
-    kwargs: Dict[str, Any] = {}
-    if collate_fn is not None:
-        kwargs["collate_fn"] = collate_fn
-    if num_workers > 0:
-        kwargs["worker_init_fn"] = _init_worker
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
-                                       sampler=sampler, num_workers=num_workers,
-                                       drop_last=drop_last, persistent_workers=num_workers > 0, **kwargs)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# AMP and schedule
-# ----------------------------------------------------------------------------------------------------------
-class RepeatDataset(torch.utils.data.Dataset):
-    """``times`` passes over ``dataset`` per epoch (one-scan datasets would otherwise be one step per epoch):
-    one number for every item, or one per item (a few real scans weighed against many synthetic ones)."""
-
-    def __init__(self, dataset: Any, times: Any) -> None:
-        counts = [int(times)] * len(dataset) if isinstance(times, int) else [int(t) for t in times]
-        if len(counts) != len(dataset):
-            raise ValueError(f"RepeatDataset: {len(counts)} repeat counts for {len(dataset)} items")
-        self.dataset = dataset
-        self.order = [i for i, n in enumerate(counts) for _ in range(max(1, n))]
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def __getitem__(self, index: int) -> Any:
-        return self.dataset[self.order[index]]
-
-
-def training_dataset(items: List[Dict[str, Any]], transform: Any, cache: str, cache_dir: Path, workers: int) -> Any:
-    """The cached training dataset: ``cache`` is memory (MONAI CacheDataset), disk (persistent) or none."""
-    from monai.data import CacheDataset
-
-    from ..data.transforms import cached_dataset
-
-    if cache == "memory":
-        return CacheDataset(items, transform=transform, cache_rate=1.0, num_workers=max(1, workers), progress=False)
-    return cached_dataset(items, transform, str(cache_dir) if cache == "disk" else None)
-
-
-def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
-    """Autocast dtype for ``amp`` in auto|bf16|fp16|off.
-
-    CUDA: ``auto`` = bf16 where supported, else fp16. CPU: only an explicit ``bf16`` autocasts (about 1.7x
-    faster on CPUs with AMX/AVX512-BF16, slower on older ones, so ``auto`` stays fp32 there).
-    """
-    amp = (amp or "auto").lower()
-    if amp not in ("auto", "bf16", "fp16", "off"):
-        raise UserError(f"unknown AMP mode {amp!r}: use auto, bf16, fp16 or off")
-    if amp == "off":
-        return None
-    if device.type != "cuda":
-        return torch.bfloat16 if amp == "bf16" and device.type == "cpu" else None
-    if amp == "fp16":
-        return torch.float16
-    if amp == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
-
-
-def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` when ``dtype`` is set, else a no-op context."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+__all__ = ["CHECKPOINT_NAME", "METRICS_CSV", "STOP_FILE", "Engine", "FitResult", "TrainConfig", "warmup_cosine"]
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:
@@ -265,107 +64,7 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -
     return factor
 
 
-# ----------------------------------------------------------------------------------------------------------
-# checkpoints (tensors and plain containers only, so they load with weights_only=True)
-# ----------------------------------------------------------------------------------------------------------
-def _rng_state() -> Dict[str, Any]:
-    np_state = np.random.get_state()
-    state: Dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
-                  int(np_state[3]), float(np_state[4])),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
 
-
-def _set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(_as_tuple(state["python"]))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return tuple(_as_tuple(v) for v in value)
-    return value
-
-
-def save_checkpoint(path: Union[str, Path], state: Dict[str, Any]) -> None:
-    """Write a training checkpoint atomically (temp file + os.replace): a crash never leaves half a file."""
-    with atomic_write(Path(path)) as tmp:
-        torch.save(state, tmp)
-
-
-def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``: never runs code from the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no checkpoint to resume from at {path}; run without --resume to start fresh")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a pickle with code, a truncated or foreign file
-        raise UserError(f"checkpoint {path} cannot be loaded safely ({type(error).__name__}: "
-                        f"{str(error).splitlines()[0] if str(error) else ''}); delete it or start without --resume") from error
-
-
-# ----------------------------------------------------------------------------------------------------------
-# metrics CSV + plot
-# ----------------------------------------------------------------------------------------------------------
-def write_metrics(history: List[Dict[str, Any]], out_dir: Union[str, Path]) -> Tuple[Path, Path]:
-    """Write ``metrics.csv`` (one row per epoch, union of keys) and ``metrics.png`` (loss and Dice curves)."""
-    out_dir = Path(out_dir)
-    keys: List[str] = []
-    for row in history:
-        for key in row:
-            if key not in keys:
-                keys.append(key)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=keys, restval="", lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    csv_path = out_dir / METRICS_CSV
-    with atomic_write(csv_path) as tmp:
-        tmp.write_text(buffer.getvalue())
-
-    # Figure + Agg canvas directly: no pyplot global state, works headless and inside other GUIs.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(9, 3.5))
-    FigureCanvasAgg(fig)
-    ax_loss, ax_dice = fig.subplots(1, 2)
-    epochs = [row.get("epoch") for row in history]
-    for key in ("loss", "val_loss"):
-        pts = [(e, row[key]) for e, row in zip(epochs, history) if isinstance(row.get(key), (int, float))]
-        if pts:
-            ax_loss.plot(*zip(*pts), marker=".", label=key)
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_title("loss")
-    ax_loss.legend(loc="best")
-    pts = [(e, row["dice"]) for e, row in zip(epochs, history) if isinstance(row.get("dice"), (int, float))]
-    if pts:
-        ax_dice.plot(*zip(*pts), marker=".", color="tab:green", label="val mean Dice")
-        ax_dice.set_ylim(0, 1)
-        ax_dice.legend(loc="best")
-    ax_dice.set_xlabel("epoch")
-    ax_dice.set_title("validation Dice")
-    fig.tight_layout()
-    png_path = out_dir / METRICS_PNG
-    with atomic_write(png_path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    return csv_path, png_path
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the engine
-# ----------------------------------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
     """Task-independent settings; defaults are the paper's (AdamW lr 1e-4, wd 1e-5, warmup + cosine)."""
@@ -470,7 +169,7 @@ class Engine:
             "best_value": self.best_value,
             "best_epoch": self.best_epoch,
             "history": self.history,
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "config": {"epochs": self.config.epochs, "lr": self.config.lr, "seed": self.config.seed},
         }
 
@@ -499,7 +198,7 @@ class Engine:
         self.best_value = state.get("best_value")
         self.best_epoch = state.get("best_epoch")
         self.history = list(state.get("history") or [])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         self.start_epoch = int(state["epoch"])
         return self.start_epoch
 
@@ -710,64 +409,22 @@ class Engine:
         if resume:
             done = self.load()
             self.reporter.emit("stage", stage="resume", epoch=done, path=str(self.checkpoint_path))
-        epochs = self.config.epochs
-        self.reporter.emit("start", step=self.start_epoch, total=epochs, device=str(self.device),
-                           world_size=self.dist.world_size, amp=str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off")
+        self.reporter.emit("start", step=self.start_epoch, total=self.config.epochs, device=str(self.device),
+                           world_size=self.dist.world_size,
+                           amp=str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off")
         interrupted = False
         epoch = self.start_epoch
         if self.dist.is_main:
             self.stop_file.unlink(missing_ok=True)  # a stale request from an earlier run must not stop this one
         self._barrier()
         with self._signals():
-            while epoch < epochs:
-                t0 = time.monotonic()
-                if self.random_transforms is not None:
-                    # Seeded per epoch (MONAI keeps its own RandomState per transform, outside the checkpoint's
-                    # RNG states): a resumed run draws the same crops as one that was never stopped.
-                    self.random_transforms.set_random_state(seed=self.config.seed + self.dist.rank + 7919 * epoch)
-                loss, extras, stopped = self.train_epoch(epoch)
-                if stopped:
+            while epoch < self.config.epochs:
+                row = self._run_epoch(epoch)
+                if row is None:  # stopped inside the epoch or its validation: redone on resume
                     interrupted = True
-                    # The unfinished epoch is redone on resume; the weights keep what it learnt so far, and the
-                    # schedule goes back to the epoch's start so a stop does not shift the learning-rate curve.
-                    self._rewind_schedule(epoch)
-                    self.save(epoch)
-                    self.reporter.emit("warning", message=f"stopped {self._stop_reason()}; "
-                                                          "resume with --resume")
                     break
-                row: Dict[str, Any] = {"epoch": epoch + 1, "loss": loss, **extras,
-                                       "lr": self.optimizer.param_groups[0]["lr"]}
-                if (epoch + 1) % max(1, self.config.val_every) == 0 or epoch + 1 == epochs:
-                    row.update(self.validate())
-                    if self._any_rank(self.validation_stopped):
-                        # Stopped during validation: as for a stop inside the epoch, the epoch is redone on resume.
-                        interrupted = True
-                        self._rewind_schedule(epoch)
-                        self.save(epoch)
-                        self.reporter.emit("warning", message=f"stopped {self._stop_reason()} during validation; "
-                                                              "resume with --resume")
-                        break
-                row["time_s"] = round(time.monotonic() - t0, 3)
-                value = row.get(self.config.monitor)
-                improved = isinstance(value, (int, float)) and math.isfinite(value) and self._better(float(value))
-                if improved:
-                    self.best_value, self.best_epoch = float(value), epoch + 1
-                self.history.append(row)
                 epoch += 1
-                if self.dist.is_main:
-                    metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
-                    if improved and self.save_fn is not None:
-                        self.save_fn("best", self.model, epoch, metrics)
-                    if self.save_fn is not None:
-                        self.save_fn("last", self.model, epoch, metrics)
-                    self.save(epoch)  # first: a failing metrics plot must not cost the checkpoint
-                    write_metrics(self.history, self.out_dir)
-                    best_key = "best_dice" if self.config.monitor == "dice" else f"best_{self.config.monitor}"
-                    self.reporter.emit("epoch", step=epoch, total=epochs, loss=loss, dice=row.get("dice"),
-                                       lr=row["lr"], **{best_key: self.best_value},
-                                       **{k: v for k, v in row.items()
-                                          if k not in ("epoch", "loss", "dice", "lr")})
-                self._barrier()
+                self._finish_epoch(epoch, row)
                 if self._should_stop():
                     interrupted = True
                     self.reporter.emit("warning", message=f"stopped {self._stop_reason()}; "
@@ -775,3 +432,53 @@ class Engine:
                     break
         return FitResult(epochs_done=epoch, best_value=self.best_value, best_epoch=self.best_epoch,
                          history=self.history, interrupted=interrupted)
+
+    def _run_epoch(self, epoch: int) -> Optional[Dict[str, Any]]:
+        """Train (and, when due, validate) epoch ``epoch``: its metrics row, or None when a stop request ended it
+        (then the weights and a rewound schedule are checkpointed so the epoch is redone on resume)."""
+        t0 = time.monotonic()
+        if self.random_transforms is not None:
+            # Seeded per epoch (MONAI keeps its own RandomState per transform, outside the checkpoint's
+            # RNG states): a resumed run draws the same crops as one that was never stopped.
+            self.random_transforms.set_random_state(seed=self.config.seed + self.dist.rank + 7919 * epoch)
+        loss, extras, stopped = self.train_epoch(epoch)
+        if stopped:
+            # The weights keep what the epoch learnt so far; the schedule goes back to the epoch's start so a
+            # stop does not shift the learning-rate curve.
+            self._save_stopped(epoch, "")
+            return None
+        row: Dict[str, Any] = {"epoch": epoch + 1, "loss": loss, **extras,
+                               "lr": self.optimizer.param_groups[0]["lr"]}
+        if (epoch + 1) % max(1, self.config.val_every) == 0 or epoch + 1 == self.config.epochs:
+            row.update(self.validate())
+            if self._any_rank(self.validation_stopped):
+                self._save_stopped(epoch, " during validation")
+                return None
+        row["time_s"] = round(time.monotonic() - t0, 3)
+        return row
+
+    def _save_stopped(self, epoch: int, where: str) -> None:
+        self._rewind_schedule(epoch)
+        self.save(epoch)
+        self.reporter.emit("warning", message=f"stopped {self._stop_reason()}{where}; resume with --resume")
+
+    def _finish_epoch(self, epochs_done: int, row: Dict[str, Any]) -> None:
+        """Record the epoch: best metric, history, model cards, checkpoint, metrics files, ``epoch`` event."""
+        value = row.get(self.config.monitor)
+        improved = isinstance(value, (int, float)) and math.isfinite(value) and self._better(float(value))
+        if improved:
+            self.best_value, self.best_epoch = float(value), epochs_done
+        self.history.append(row)
+        if self.dist.is_main:
+            metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+            if improved and self.save_fn is not None:
+                self.save_fn("best", self.model, epochs_done, metrics)
+            if self.save_fn is not None:
+                self.save_fn("last", self.model, epochs_done, metrics)
+            self.save(epochs_done)  # first: a failing metrics plot must not cost the checkpoint
+            write_metrics(self.history, self.out_dir)
+            best_key = "best_dice" if self.config.monitor == "dice" else f"best_{self.config.monitor}"
+            self.reporter.emit("epoch", step=epochs_done, total=self.config.epochs, loss=row["loss"],
+                               dice=row.get("dice"), lr=row["lr"], **{best_key: self.best_value},
+                               **{k: v for k, v in row.items() if k not in ("epoch", "loss", "dice", "lr")})
+        self._barrier()

@@ -22,7 +22,10 @@ import torch
 from .. import modelcard
 from ..errors import UserError
 from ..events import ProgressReporter, reporter_for
+from .. import runtime
+from . import checkpoints, distributed, options
 from . import engine as eng
+from . import loader as loading
 
 DEFAULT_ROI = 96
 
@@ -215,10 +218,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--epochs must be at least 1, got {args.epochs}")
     if args.grad_clip < 0:
         raise UserError(f"--grad-clip must be >= 0 (0: off), got {args.grad_clip}")
-    roi = eng.roi_argument(args.roi, DEFAULT_ROI)
+    roi = options.roi_argument(args.roi, DEFAULT_ROI)
     from ..atomic import prepare_run_folder  # --out usable, stale temps of a killed run gone
     prepare_run_folder(out, "--out")
-    eng.check_output_folder(out, args.resume, "training run")
+    checkpoints.check_output_folder(out, args.resume, "training run")
 
     try:
         model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
@@ -244,22 +247,22 @@ def run(args: argparse.Namespace) -> int:
 
     defaults = PreprocessConfig()
     cfg = PreprocessConfig(
-        spacing=eng.triple_argument(args.spacing, "spacing", defaults.spacing),
+        spacing=options.triple_argument(args.spacing, "spacing", defaults.spacing),
         intensity_window=tuple(args.window) if args.window else defaults.intensity_window,
         roi_size=roi, num_samples=args.samples, crop_by=args.crop_by, cache_dir=None,
         augment="none" if args.no_augment else args.augment)
 
-    dist = eng.setup_distributed(args.device)
+    dist = distributed.setup_distributed(args.device)
     try:
         if not dist.is_main:
             reporter = ProgressReporter("none")
-        eng.seed_everything(args.seed + dist.rank)
+        runtime.seed_everything(args.seed + dist.rank)
         reporter.emit("stage", stage="data", train_cases=len(train_cases), val_cases=len(val_cases),
                       classes=n_classes)
         train_tf, val_tf = build_transforms(cfg, values)
-        cached = eng.training_dataset(train_cases, train_tf, args.cache, out / "cache", args.workers)
-        train_ds = eng.RepeatDataset(cached, [weight_of[str(c["id"])] for c in train_cases])
-        loader = eng.make_loader(train_ds, batch_size=args.batch, shuffle=True, dist=dist, seed=args.seed,
+        cached = loading.training_dataset(train_cases, train_tf, args.cache, out / "cache", args.workers)
+        train_ds = loading.RepeatDataset(cached, [weight_of[str(c["id"])] for c in train_cases])
+        loader = loading.make_loader(train_ds, batch_size=args.batch, shuffle=True, dist=dist, seed=args.seed,
                                  num_workers=args.workers, collate_fn=list_data_collate)
         val_items: List[Dict[str, Any]] = []
         if dist.is_main:
@@ -291,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
                                  grad_clip=args.grad_clip or None,
                                  warmup_epochs=warmup, amp=args.amp, seed=args.seed, val_every=args.val_every)
         validator = make_validator(val_items, roi, n_classes, [e["name"] for e in entries], args.overlap,
-                                   eng.resolve_amp(args.amp, dist.device), reporter)
+                                   runtime.resolve_amp(args.amp, dist.device), reporter)
         preprocessing = cfg.to_dict()
         for key in ("cache_dir",):
             preprocessing.pop(key, None)
@@ -330,4 +333,4 @@ def run(args: argparse.Namespace) -> int:
                   f"epoch {result.best_epoch}; model card: {out / 'best'}")
         return 0
     finally:
-        eng.cleanup_distributed(dist)
+        distributed.cleanup_distributed(dist)
