@@ -35,6 +35,27 @@ def test_registry_lists_every_model() -> None:
         build_model("logonet", out_channels=2, preset="XXL")
 
 
+@pytest.mark.parametrize("name", ["logonet", "ulkanet", "swinunetr", "unetr", "segresnetvae", "dynunet",
+                                  "unetplusplus", "attentionunet"])
+def test_registry_metadata_matches_the_built_network(name: str) -> None:
+    """The registry's facts (preset, fixed input size, size multiple) are what the built network enforces."""
+    from logonet.nets import model_info, parse_spec
+
+    info = model_info(name.upper())
+    assert info.name == name and info.preset_for("T") == ("T" if name in ("logonet", "ulkanet") else None)
+    kwargs = info.size_kwargs(32)
+    assert kwargs == ({"img_size": [32, 32, 32]} if name in ("unetr", "segresnetvae") else {})
+    if name == "swinunetr":
+        kwargs["feature_size"] = 12
+    net = build_model(name, out_channels=2, preset=info.preset_for("T"), **kwargs)
+    built = getattr(net, "multiple", None) or getattr(net, "size_multiple", None) or max(net.size_multiples)
+    assert built == info.size_multiple
+    assert getattr(net, "fixed_size", None) == ((32, 32, 32) if info.fixed_input_size else None)
+    assert parse_spec(f"{name}:T") == (name, "T") and parse_spec(name) == (name, None)
+    with pytest.raises(ValueError, match="unknown model 'vnet'"):
+        model_info("vnet")
+
+
 def test_cubes_split_and_stitch_are_inverse_and_ordered() -> None:
     x = torch.arange(2 * 3 * 4 * 6 * 8, dtype=torch.float32).reshape(2, 3, 4, 6, 8)
     cubes = split_into_cubes(x, (2, 2, 2))

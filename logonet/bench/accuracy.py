@@ -40,7 +40,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def finetune(data: Path, out: Path, spec: str, args: argparse.Namespace, epochs: int, seed: int,
              init: Optional[Path] = None, repeats: int = 1) -> Path:
     """``logonet finetune`` in-process with the benchmark's budget; returns the last epoch's model card."""
-    from ..nets.complexity import parse_spec
+    from ..nets import parse_spec
     from ..train import finetune as ft
 
     name, preset = parse_spec(spec)
@@ -85,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
     from ..data.labels import BTCV_NAMES
     from ..data.phantom import write_phantom_dataset
     from ..errors import UserError
-    from ..nets import build_model
-    from ..nets.complexity import count_parameters, parse_spec
+    from ..nets import build_model, model_info, parse_spec
+    from ..nets.complexity import count_parameters
 
     reporter, device = common.setup(args)
     specs = [s.strip() for s in (args.models or ",".join(QUICK_MODELS if args.quick else FULL_MODELS)).split(",")
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         for index, spec in common.iterate_jobs(reporter, specs, "models"):
             reporter.emit("stage", stage="finetune", model=spec)
             name, preset = parse_spec(spec)
-            kwargs = {"img_size": args.roi} if name in ("unetr", "segresnetvae") else {}
+            kwargs = model_info(name).size_kwargs(args.roi)
             params = count_parameters(build_model(name, out_channels=len(organs) + 1, preset=preset, **kwargs))
             row: Dict[str, Any] = {"model": spec, "params_m": params / 1e6}
             t = time.perf_counter()

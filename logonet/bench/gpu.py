@@ -67,8 +67,7 @@ def _plan(tiny: bool) -> Dict[str, Any]:
 
 
 def _build(spec: str, kwargs: Dict[str, Any], device: torch.device) -> torch.nn.Module:
-    from ..nets import build_model
-    from ..nets.complexity import parse_spec
+    from ..nets import build_model, parse_spec
 
     name, preset = parse_spec(spec)
     torch.manual_seed(0)
@@ -117,7 +116,7 @@ def oom_fallback_row(spec: str, shape: Sequence[int], roi: int, device: torch.de
     from .. import modelcard
     from ..events import ProgressReporter
     from ..infer import Predictor
-    from ..nets.complexity import parse_spec
+    from ..nets import parse_spec
 
     row: Dict[str, Any] = {"memory_fraction": fraction}
     if device.type != "cuda":

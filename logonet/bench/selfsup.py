@@ -46,7 +46,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def pretrain(data: Path, out: Path, spec: str, args: argparse.Namespace, epochs: int, extra: Sequence[str]) -> Path:
     """``logonet pretrain`` in-process; returns its last model card."""
-    from ..nets.complexity import parse_spec
+    from ..nets import parse_spec
     from ..ssl import pretrain as pt
 
     name, preset = parse_spec(spec)

@@ -16,8 +16,6 @@ REFERENCE = "logonet:S"
 FULL_MODELS = ["logonet:S", "logonet:L", "logonet:T", "ulkanet:S", "ulkanet:L", "ulkanet:T", "swinunetr", "unetr",
                "segresnetvae", "dynunet", "unetplusplus", "attentionunet"]
 QUICK_MODELS = ["logonet:S", "logonet:T", "ulkanet:S", "swinunetr"]
-#: models whose constructor needs the input size
-SIZED_MODELS = ("unetr", "segresnetvae")
 
 MODEL_COLUMNS: List[common.Column] = [
     ("model", "model", ""), ("params_m", "params (M)", ".2f"), ("gmacs", "GMACs", ".1f"),
@@ -51,11 +49,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _build(spec: str, out_channels: int, size: int) -> torch.nn.Module:
-    from ..nets import build_model
-    from ..nets.complexity import parse_spec
+    from ..nets import build_model, model_info, parse_spec
 
     name, preset = parse_spec(spec)
-    kwargs: Dict[str, Any] = {"img_size": size} if name in SIZED_MODELS else {}
+    kwargs: Dict[str, Any] = model_info(name).size_kwargs(size)
     torch.manual_seed(0)
     return build_model(name, out_channels=out_channels, preset=preset, **kwargs).eval()
 

@@ -5,12 +5,12 @@
 from __future__ import annotations
 
 import argparse
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from .registry import build_model
+from .registry import build_model, parse_spec
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -27,11 +27,6 @@ def count_macs(model: nn.Module, size: int = 96, in_channels: int = 1) -> int:
     analysis.uncalled_modules_warnings(False)
     with torch.no_grad():
         return int(analysis.total())
-
-
-def parse_spec(spec: str) -> Tuple[str, Optional[str]]:
-    name, _, preset = spec.partition(":")
-    return name, preset or None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

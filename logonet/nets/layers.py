@@ -15,6 +15,21 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def check_input(x: torch.Tensor, in_channels: int, multiple: int, name: str) -> None:
+    """Raise a ``ValueError`` that says what is accepted when ``x`` is not ``(B, in_channels, D, H, W)`` with
+    every side a multiple of ``multiple``."""
+    if x.dim() != 5:
+        raise ValueError(f"{name} expects a 5-D tensor (batch, {in_channels}, D, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] != in_channels:
+        raise ValueError(f"{name} expects {in_channels} input channel(s), got {x.shape[1]} (shape {tuple(x.shape)})")
+    bad = [s for s in x.shape[2:] if s % multiple or s == 0]
+    if bad:
+        raise ValueError(
+            f"{name} accepts spatial sizes that are multiples of {multiple} (e.g. 64, 96, 128); "
+            f"got {tuple(x.shape[2:])}"
+        )
+
+
 class PackedConv3d(nn.Conv3d):
     """A grouped Conv3d over packed networks that stays on oneDNN's fast path on the CPU.
 

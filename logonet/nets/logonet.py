@@ -6,7 +6,8 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import nn
 
-from .ulkanet import ULKASubNet, check_input
+from .layers import check_input
+from .ulkanet import ULKASubNet
 
 
 def split_into_cubes(x: torch.Tensor, splits: Tuple[int, int, int]) -> torch.Tensor:

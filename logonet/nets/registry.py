@@ -1,25 +1,72 @@
-"""``build_model(name, ...)``: LoGoNet, ULKANet and the paper's MONAI baselines under one call (timm-style registry)."""
+"""``build_model(name, ...)``: LoGoNet, ULKANet and the paper's MONAI baselines under one call (timm-style registry).
+
+Each entry carries what its callers must know about it (:class:`ModelInfo`): whether it takes a size preset,
+whether it is built for one fixed input size (``img_size``) and the multiple its input sides must be, so the
+training commands and the benchmarks hold no lists of model names of their own.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
+from .layers import check_input
 from .logonet import LoGoNet
 from .presets import DEFAULT_PRESET, get_preset
-from .ulkanet import ULKANet, check_input
+from .ulkanet import ULKANet
 
 Builder = Callable[..., nn.Module]
-_REGISTRY: Dict[str, Builder] = {}
+SizeSpec = Union[int, Sequence[int]]
 
 
-def register(name: str) -> Callable[[Builder], Builder]:
+@dataclass(frozen=True)
+class ModelInfo:
+    """A registered network and the facts about it that callers need."""
+
+    name: str
+    builder: Builder
+    #: accepts ``preset`` (T/S/L); the baselines ignore it and their cards record none
+    takes_preset: bool = False
+    #: built for one input size: the constructor needs ``img_size`` (the training crop)
+    fixed_input_size: bool = False
+    #: every input side must be a multiple of this
+    size_multiple: int = 32
+
+    def preset_for(self, preset: Optional[str]) -> Optional[str]:
+        """The preset to build and record: ``preset`` for the ULKA family, None for the others."""
+        return preset if self.takes_preset else None
+
+    def size_kwargs(self, size: SizeSpec) -> Dict[str, Any]:
+        """Constructor arguments that fix the input size (``{"img_size": [x, y, z]}``), or ``{}``."""
+        return {"img_size": list(_size3(size))} if self.fixed_input_size else {}
+
+
+_REGISTRY: Dict[str, ModelInfo] = {}
+
+
+def register(name: str, *, takes_preset: bool = False, fixed_input_size: bool = False,
+             size_multiple: int = 32) -> Callable[[Builder], Builder]:
     def decorator(builder: Builder) -> Builder:
-        _REGISTRY[name] = builder
+        _REGISTRY[name] = ModelInfo(name, builder, takes_preset, fixed_input_size, size_multiple)
         return builder
 
     return decorator
+
+
+def model_info(name: str) -> ModelInfo:
+    """The registry entry of ``name`` (case-insensitive); ValueError naming the choices when unknown."""
+    key = name.lower()
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}")
+    return _REGISTRY[key]
+
+
+def parse_spec(spec: str) -> Tuple[str, Optional[str]]:
+    """``"logonet:T"`` -> ``("logonet", "T")``; ``"swinunetr"`` -> ``("swinunetr", None)``."""
+    name, _, preset = spec.partition(":")
+    return name, preset or None
 
 
 def available_models() -> List[str]:
@@ -38,25 +85,19 @@ def build_model(name: str, *, in_channels: int = 1, out_channels: int, preset: O
         preset: ``T``/``S``/``L`` for LoGoNet and ULKANet (default ``S``); ignored by the baselines.
         kwargs: passed to the constructor (e.g. ``img_size`` for UNETR/SegResNetVAE, ``feature_size``).
     """
-    key = name.lower()
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}")
-    return _REGISTRY[key](in_channels=in_channels, out_channels=out_channels, preset=preset, **kwargs)
+    return model_info(name).builder(in_channels=in_channels, out_channels=out_channels, preset=preset, **kwargs)
 
 
-@register("logonet")
+@register("logonet", takes_preset=True)
 def _logonet(in_channels: int, out_channels: int, preset: Optional[str], **kwargs: Any) -> nn.Module:
     p = get_preset(preset or DEFAULT_PRESET)
     return LoGoNet(in_channels, out_channels, p.dims, p.depths, p.mlp_ratios, local_stages=p.local_stages, **kwargs)
 
 
-@register("ulkanet")
+@register("ulkanet", takes_preset=True)
 def _ulkanet(in_channels: int, out_channels: int, preset: Optional[str], **kwargs: Any) -> nn.Module:
     p = get_preset(preset or DEFAULT_PRESET)
     return ULKANet(in_channels, out_channels, p.dims, p.depths, p.mlp_ratios, **kwargs)
-
-
-SizeSpec = Union[int, Sequence[int]]
 
 
 class BaselineWrapper(nn.Module):
@@ -93,7 +134,7 @@ def _swinunetr(in_channels: int, out_channels: int, preset: Optional[str], featu
     return BaselineWrapper(net, "SwinUNETR", in_channels)
 
 
-@register("unetr")
+@register("unetr", fixed_input_size=True, size_multiple=16)
 def _unetr(in_channels: int, out_channels: int, preset: Optional[str], feature_size: int = 32,
            img_size: SizeSpec = 96, **kwargs: Any) -> nn.Module:
     from monai.networks.nets import UNETR
@@ -104,7 +145,7 @@ def _unetr(in_channels: int, out_channels: int, preset: Optional[str], feature_s
     return BaselineWrapper(net, "UNETR", in_channels, multiple=16, fixed_size=size)
 
 
-@register("segresnetvae")
+@register("segresnetvae", fixed_input_size=True, size_multiple=8)
 def _segresnetvae(in_channels: int, out_channels: int, preset: Optional[str], img_size: SizeSpec = 96,
                   **kwargs: Any) -> nn.Module:
     from monai.networks.nets import SegResNetVAE
@@ -125,7 +166,7 @@ def _dynunet(in_channels: int, out_channels: int, preset: Optional[str], **kwarg
     return BaselineWrapper(net, "DynUNet", in_channels)
 
 
-@register("unetplusplus")
+@register("unetplusplus", size_multiple=16)
 def _unetplusplus(in_channels: int, out_channels: int, preset: Optional[str], **kwargs: Any) -> nn.Module:
     from monai.networks.nets import BasicUNetPlusPlus
 
@@ -133,7 +174,7 @@ def _unetplusplus(in_channels: int, out_channels: int, preset: Optional[str], **
     return BaselineWrapper(net, "UNet++", in_channels, multiple=16)
 
 
-@register("attentionunet")
+@register("attentionunet", size_multiple=16)
 def _attentionunet(in_channels: int, out_channels: int, preset: Optional[str], **kwargs: Any) -> nn.Module:
     from monai.networks.nets import AttentionUnet
 

@@ -10,23 +10,8 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-from .layers import ChannelLayerNorm, ConvModule, PackedConv3d, Upsample, conv_pair, pack_channels
+from .layers import ChannelLayerNorm, ConvModule, PackedConv3d, Upsample, check_input, conv_pair, pack_channels
 from .lka import LKABlock
-
-
-def check_input(x: torch.Tensor, in_channels: int, multiple: int, name: str) -> None:
-    """Raise a ``ValueError`` that says what is accepted when ``x`` is not ``(B, in_channels, D, H, W)`` with
-    every side a multiple of ``multiple``."""
-    if x.dim() != 5:
-        raise ValueError(f"{name} expects a 5-D tensor (batch, {in_channels}, D, H, W), got shape {tuple(x.shape)}")
-    if x.shape[1] != in_channels:
-        raise ValueError(f"{name} expects {in_channels} input channel(s), got {x.shape[1]} (shape {tuple(x.shape)})")
-    bad = [s for s in x.shape[2:] if s % multiple or s == 0]
-    if bad:
-        raise ValueError(
-            f"{name} accepts spatial sizes that are multiples of {multiple} (e.g. 64, 96, 128); "
-            f"got {tuple(x.shape[2:])}"
-        )
 
 
 class ULKAStage(nn.Module):
