@@ -36,7 +36,7 @@ case "${1:-}" in
     out="$RUNS/default-$arm-s$seed"
     resume=(); [ -f "$out/checkpoint.pt" ] && resume=(--resume)
     $LOGONET finetune "$RUNS/default-real" "$RUNS/default-synth" --repeats 20 1 --val-data "$RUNS/default-synth-val" \
-      --out "$out" "${COMMON[@]}" --epochs 10 --warmup 1 --lr 4e-3 --val-every 2 --seed "$seed" \
+      --out "$out" "${COMMON[@]}" --epochs 8 --warmup 1 --lr 4e-3 --val-every 2 --seed "$seed" \
       --name default --fp16-weights "${init[@]}" "${resume[@]}"
     ;;
   evaluate)
