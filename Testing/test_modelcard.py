@@ -140,3 +140,36 @@ def test_bundled_demo_card_is_valid():
     assert len(card.labels) == card.out_channels - 1 and card.architecture["name"] in available_models()
     assert card.spacing == (3.0, 3.0, 3.0) and len(card.labels) == 12
     card.build_model()  # hash, format and shapes all check out
+
+
+# ------------------------------------------------------------------------------------------- card schema
+def test_card_schema_imports_without_torch_numpy_or_monai():
+    """The Slicer modules read cards in Slicer's own process through logonet.cardschema: it must stay light."""
+    import subprocess
+    import sys
+
+    code = ("import sys, logonet.cardschema as s; heavy = [m for m in ('torch', 'numpy', 'monai', 'SimpleITK') "
+            "if m in sys.modules]; print(heavy)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_modelcard_reads_cards_through_the_schema_module():
+    """One schema: modelcard uses cardschema's validation, resolution and constants (no second copy)."""
+    from logonet import cardschema
+
+    assert modelcard.validate_meta is cardschema.validate_meta and modelcard.resolve is cardschema.resolve
+    assert modelcard.META == cardschema.META and modelcard.BUNDLED_DIR == cardschema.BUNDLED_DIR
+
+
+def test_a_run_folder_with_only_last_resolves_to_last(tmp_path):
+    """A run stopped before its first validation has only last/: the command line takes it (best/ first)."""
+    last, _ = _card(tmp_path / "run" / "last")
+    assert modelcard.resolve(tmp_path / "run") == last
+    assert modelcard.load_model(tmp_path / "run").path == last
+    best, _ = _card(tmp_path / "run" / "best")
+    assert modelcard.resolve(tmp_path / "run") == best
+    (tmp_path / "other").mkdir()
+    with pytest.raises(UserError, match="not a model card.*best/ or last/"):
+        modelcard.load_model(tmp_path / "other")

@@ -21,25 +21,12 @@ from torch import nn
 
 from . import __version__
 from .atomic import ordinary_mode, write_json_atomic
+from .cardschema import (BUNDLED_DIR, FORMAT, FORMAT_VERSION, INTENSITY_LIMIT, MAX_CHANNELS,  # noqa: F401
+                         MAX_IN_CHANNELS, MAX_LABEL_VALUE, META, ROI_SIDE_RANGE, SPACING_RANGE_MM, WEIGHTS,
+                         read_meta, resolve, validate_meta)
 from .errors import UserError
 
-FORMAT = "logonet-model"
-FORMAT_VERSION = 1
-WEIGHTS = "weights.safetensors"
-META = "model.json"
-#: Where bundled models live in a source checkout / the Slicer extension.
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
-
 PathLike = Union[str, "os.PathLike[str]"]
-
-#: Bounds on every card field that sizes work (issue 15): a card outside them is refused with the field named,
-#: before anything is allocated (a huge window tried to allocate petabytes; a tiny spacing failed deep in MONAI).
-ROI_SIDE_RANGE = (1, 512)  # voxels per window side
-SPACING_RANGE_MM = (0.1, 20.0)
-INTENSITY_LIMIT = 1e5  # |HU| of the window's ends
-MAX_CHANNELS = 1024  # network outputs (classes, or a pre-training feature width)
-MAX_IN_CHANNELS = 16
-MAX_LABEL_VALUE = 65535  # label maps are written as uint16 at most
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -177,117 +164,12 @@ def read_weights(path: PathLike, expected_sha256: Optional[str] = None) -> Dict[
         raise UserError(f"{path} cannot be read as safetensors ({error}); the model card is corrupt") from error
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    """A finite int or float (JSON's NaN/Infinity extensions and booleans are not numbers here)."""
-    import math
-
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _fail(path: Path, message: str) -> UserError:
-    return UserError(f"{path / META}: {message}")
-
-
-def validate_meta(meta: Any, path: Path) -> Dict[str, Any]:
-    """Check ``model.json`` against the schema in docs/interfaces.md; one clear error for the first problem."""
-    if not isinstance(meta, dict):
-        raise _fail(path, "must be a JSON object")
-    if meta.get("format") != FORMAT:
-        raise _fail(path, f'"format" must be "{FORMAT}" (this is not a logonet model card)')
-    version = meta.get("format_version")
-    if not isinstance(version, int) or version < 1 or version > FORMAT_VERSION:
-        raise _fail(path, f'"format_version" {version!r} is not supported (this logonet reads up to '
-                          f"{FORMAT_VERSION}); update logonet")
-    arch = meta.get("architecture")
-    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str):
-        raise _fail(path, '"architecture" must be an object with a "name"')
-    out_channels = arch.get("out_channels")
-    if not _is_int(out_channels) or not 1 <= out_channels <= MAX_CHANNELS:
-        raise _fail(path, f'"architecture.out_channels" must be an integer from 1 to {MAX_CHANNELS}, got {out_channels!r}')
-    in_channels = arch.get("in_channels", 1)
-    if not _is_int(in_channels) or not 1 <= in_channels <= MAX_IN_CHANNELS:
-        raise _fail(path, f'"architecture.in_channels" must be an integer from 1 to {MAX_IN_CHANNELS}, '
-                          f"got {in_channels!r}")
-    if not isinstance(arch.get("kwargs", {}), dict):
-        raise _fail(path, '"architecture.kwargs" must be an object')
-    labels = meta.get("labels", [])
-    if not isinstance(labels, list):
-        raise _fail(path, '"labels" must be a list')
-    seen = set()
-    for entry in labels:
-        if not isinstance(entry, dict) or not _is_int(entry.get("value")) \
-                or not 1 <= entry["value"] <= MAX_LABEL_VALUE or not isinstance(entry.get("name"), str):
-            raise _fail(path, f'every label needs an integer "value" from 1 to {MAX_LABEL_VALUE} and a "name"; '
-                              f"got {entry!r}")
-        if entry["value"] in seen:
-            raise _fail(path, f'label value {entry["value"]} appears twice')
-        seen.add(entry["value"])
-        color = entry.get("color", [128, 128, 128])
-        if not (isinstance(color, list) and len(color) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in color)):
-            raise _fail(path, f'label {entry["name"]!r}: "color" must be three integers 0-255')
-    # Segmentation cards: one channel per label plus background. Pre-training cards carry no labels.
-    if labels and len(labels) != out_channels - 1:
-        raise _fail(path, f"{len(labels)} labels but the network predicts {out_channels} channels "
-                          f"(expected {out_channels - 1} labels + background)")
-    pre = meta.get("preprocessing")
-    if not isinstance(pre, dict):
-        raise _fail(path, '"preprocessing" must be an object')
-    spacing, window, roi = pre.get("spacing"), pre.get("intensity_window"), pre.get("roi_size")
-    low_mm, high_mm = SPACING_RANGE_MM
-    if not (isinstance(spacing, list) and len(spacing) == 3
-            and all(_is_number(v) and low_mm <= v <= high_mm for v in spacing)):
-        raise _fail(path, f'"preprocessing.spacing" must be three numbers from {low_mm} to {high_mm} mm, got {spacing!r}')
-    if not (isinstance(window, list) and len(window) == 2
-            and all(_is_number(w) and abs(w) <= INTENSITY_LIMIT for w in window) and window[0] < window[1]):
-        raise _fail(path, f'"preprocessing.intensity_window" must be [low, high] with low < high, both within '
-                          f"+-{INTENSITY_LIMIT:g}, got {window!r}")
-    low_roi, high_roi = ROI_SIDE_RANGE
-    if not (isinstance(roi, list) and len(roi) == 3 and all(_is_int(r) and low_roi <= r <= high_roi for r in roi)):
-        raise _fail(path, f'"preprocessing.roi_size" must be three integers from {low_roi} to {high_roi} '
-                          f"(voxels per window side), got {roi!r}")
-    return meta
-
-
 def load(path: PathLike) -> ModelCard:
-    """Validate a model card folder (``model.json`` + weights) and return it; weights are hash-checked on read."""
+    """Validate a model card folder (``model.json`` + weights) and return it; weights are hash-checked on read.
+
+    The schema and the folder rules are :mod:`logonet.cardschema` (shared with the Slicer modules)."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"model not found: {path} does not exist; give a model card folder or 'demo'")
-    if not path.is_dir() or not (path / META).is_file():
-        raise UserError(f"{path} is not a model card: expected a folder with {META} and {WEIGHTS}")
-    try:
-        meta = json.loads((path / META).read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise _fail(path, f"is not valid JSON ({error})") from error
-    except OSError as error:  # permissions, a broken network share
-        raise _fail(path, f"cannot be read ({error.strerror or error})") from error
-    validate_meta(meta, path)
-    if not (path / WEIGHTS).is_file():
-        raise UserError(f"the model card {path} has no {WEIGHTS}")
-    return ModelCard(path=path, meta=meta)
-
-
-def resolve(spec: Union[str, PathLike]) -> Path:
-    """Turn ``--model`` into a card folder: ``"demo"`` (or another bundled name) or a path.
-
-    A training output folder (with ``best/`` inside) resolves to its best model.
-    """
-    text = str(spec)
-    candidate = Path(text).expanduser()
-    if candidate.exists():
-        if not (candidate / META).exists() and (candidate / "best" / META).exists():
-            return candidate / "best"
-        return candidate
-    bundled = BUNDLED_DIR / text
-    if "/" not in text and os.sep not in text and (bundled / META).is_file():
-        return bundled
-    known = sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / META).is_file()) if BUNDLED_DIR.is_dir() else []
-    raise UserError(f"model {text!r} not found: give a model card folder (with {META} and {WEIGHTS})"
-                    + (f" or one of the bundled models: {', '.join(known)}" if known else ""))
+    return ModelCard(path=path, meta=read_meta(path))
 
 
 def load_model(spec: Union[str, PathLike]) -> ModelCard:
