@@ -4,7 +4,7 @@ The table ``CASES`` drives ``logonet segment | evaluate | finetune | pretrain`` 
 volumes (12^3) and a tiny model card. For each case it asserts the exit code, a message that names the problem,
 no traceback, a one-line reason, and that the workspace is byte-for-byte unchanged. Cases marked ``early``
 must fail before any model card or volume is read (counted by wrapping ``modelcard.load`` and
-``io.read_image``). docs/interfaces.md ("Bad inputs") lists the same table for users and the Slicer side.
+``volumes.read_image``). docs/interfaces.md ("Bad inputs") lists the same table for users and the Slicer side.
 
 Also here: a full disk (a small tmpfs; skipped where it cannot be mounted), property-based tests of model-card
 validation and of reading mutated/truncated volumes, and the faults (SIGKILL during a checkpoint write then
@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from logonet import cli, infer, modelcard
-from logonet.data import io
+from logonet.data import volumes
 from logonet.data.labels import btcv_label_dicts
 from logonet.errors import UserError
 
@@ -178,7 +178,7 @@ def seg(ws: Path, card: Path, source, output, *extra) -> List[str]:
 def good_ct(ws: Path) -> Path:
     path = ws / "ct.nii.gz"
     if not path.exists():
-        io.write_image(ct_image(), path)
+        volumes.write_image(ct_image(), path)
     return path
 
 
@@ -188,14 +188,14 @@ def write_bytes(path: Path, data: bytes) -> Path:
 
 
 def truncated(ws: Path, name: str, keep: float) -> Path:
-    full = io.write_image(ct_image(), ws / f"full_{name}")
+    full = volumes.write_image(ct_image(), ws / f"full_{name}")
     raw = full.read_bytes()
     full.unlink()
     return write_bytes(ws / name, raw[: int(len(raw) * keep)])
 
 
 def bad_crc(ws: Path) -> Path:
-    raw = bytearray(io.write_image(ct_image(), ws / "c.nii.gz").read_bytes())
+    raw = bytearray(volumes.write_image(ct_image(), ws / "c.nii.gz").read_bytes())
     raw[-6] ^= 0xFF  # the gzip trailer's CRC-32: ITK reads the data without noticing
     return write_bytes(ws / "c.nii.gz", bytes(raw))
 
@@ -204,7 +204,7 @@ def array_image(ws: Path, name: str, array: np.ndarray, spacing=None, vector: bo
     image = sitk.GetImageFromArray(array, isVector=vector)
     if spacing:
         image.SetSpacing(spacing)
-    return io.write_image(image, ws / name)
+    return volumes.write_image(image, ws / name)
 
 
 def with_values(value: float) -> np.ndarray:
@@ -280,20 +280,20 @@ def tampered_weights(ws: Path) -> Path:
 
 
 def other_grid(ws: Path) -> List[str]:
-    io.write_image(label_image(), ws / "ref.nii.gz")
-    io.write_image(label_image(spacing=(1.5, 1.5, 2.5)), ws / "pred.nii.gz")
+    volumes.write_image(label_image(), ws / "ref.nii.gz")
+    volumes.write_image(label_image(spacing=(1.5, 1.5, 2.5)), ws / "pred.nii.gz")
     return ["evaluate", str(ws / "pred.nii.gz"), str(ws / "ref.nii.gz")]
 
 
 def evaluate_ref(ws: Path, values: np.ndarray) -> List[str]:
-    io.write_image(label_image(), ws / "pred.nii.gz")
-    io.write_image(label_image(values), ws / "ref.nii.gz")
+    volumes.write_image(label_image(), ws / "pred.nii.gz")
+    volumes.write_image(label_image(values), ws / "ref.nii.gz")
     return ["evaluate", str(ws / "pred.nii.gz"), str(ws / "ref.nii.gz")]
 
 
 def evaluate_ok(ws: Path, *extra) -> List[str]:
-    io.write_image(label_image(), ws / "pred.nii.gz")
-    io.write_image(label_image(), ws / "ref.nii.gz")
+    volumes.write_image(label_image(), ws / "pred.nii.gz")
+    volumes.write_image(label_image(), ws / "ref.nii.gz")
     return ["evaluate", str(ws / "pred.nii.gz"), str(ws / "ref.nii.gz"), *map(str, extra)]
 
 
@@ -397,7 +397,7 @@ CASES: List[Case] = [
          lambda ws, c, s: seg(ws, c, good_ct(ws), ws / OUT, "--stats", a_file(ws) / "v.csv"),
          "--stats .* is a file, not a folder", early=True, doc="--stats in a folder that is a file"),
     Case("batch-output-is-file", "segment",
-         lambda ws, c, s: (ws / "cases").mkdir() or io.write_image(ct_image(), ws / "cases" / "a.nii.gz") and
+         lambda ws, c, s: (ws / "cases").mkdir() or volumes.write_image(ct_image(), ws / "cases" / "a.nii.gz") and
          seg(ws, c, ws / "cases", a_file(ws, "out.nii.gz")),
          "batch mode: OUTPUT .* must be a folder", early=True, doc="batch mode with OUTPUT a file"),
     # --- segment: the model card and options
@@ -427,8 +427,8 @@ CASES: List[Case] = [
          "pickle", doc="a card whose weights are a pickle (never loaded)"),
     Case("card-tampered", "segment", lambda ws, c, s: seg(ws, tampered_weights(ws), good_ct(ws), ws / OUT),
          "modified since", doc="a card whose weights changed after it was written"),
-    Case("roi-outside", "segment", lambda ws, c, s: seg(ws, c, good_ct(ws), ws / OUT, "--roi", "0,0,0,99,5,5"),
-         "--roi .* outside the volume", doc="--roi outside the volume"),
+    Case("box-outside", "segment", lambda ws, c, s: seg(ws, c, good_ct(ws), ws / OUT, "--box", "0,0,0,99,5,5"),
+         "--box .* outside the volume", doc="--box outside the volume"),
     Case("sw-batch-zero", "segment", lambda ws, c, s: seg(ws, c, good_ct(ws), ws / OUT, "--sw-batch", "0"),
          "--sw-batch must be at least 1", doc="--sw-batch 0"),
     Case("overlap-one", "segment", lambda ws, c, s: seg(ws, c, good_ct(ws), ws / OUT, "--overlap", "1.5"),
@@ -480,7 +480,7 @@ CASES: List[Case] = [
 def counted(monkeypatch) -> Dict[str, int]:
     """Counts model-card and volume reads, to prove that output checks come first."""
     counts = {"card": 0, "volume": 0}
-    real_load, real_read = modelcard.load, io.read_image
+    real_load, real_read = modelcard.load, volumes.read_image
 
     def load(*args, **kwargs):
         counts["card"] += 1
@@ -580,7 +580,7 @@ def test_memory_estimate_refuses_before_resampling(tmp_path, card, monkeypatch, 
     monkeypatch.setattr(transforms, "preprocess_for_inference", lambda *a: resampled.append(1) or real(*a))
     assert cli.main(seg(tmp_path, card, good_ct(tmp_path), tmp_path / "o.nii.gz")) == 2
     err = capsys.readouterr().err
-    assert re.search(r"needs about [\d.]+ GiB of memory .* GiB are available; segment a box with --roi", err), err
+    assert re.search(r"needs about [\d.]+ GiB of memory .* GiB are available; segment a box with --box", err), err
     assert resampled == [] and not (tmp_path / "o.nii.gz").exists()
 
 
@@ -595,14 +595,14 @@ def test_dicom_series_option_picks_one(tmp_path, card, capsys):
     folder = two_series(tmp_path)
     out = tmp_path / "seg.nii.gz"
     assert cli.main(seg(tmp_path, card, folder, out, "--series", "1.2.3.200")) == 0, capsys.readouterr().err
-    assert io.read_image(out).GetSize() == (SIZE,) * 3
+    assert volumes.read_image(out).GetSize() == (SIZE,) * 3
 
 
 def test_batch_goes_on_past_a_bad_case_and_fails_at_the_end(tmp_path, card, capsys):
     cases = tmp_path / "cases"
-    io.write_image(ct_image(), cases / "a.nii.gz")
+    volumes.write_image(ct_image(), cases / "a.nii.gz")
     (cases / "b.nii.gz").write_text("not a volume")
-    io.write_image(ct_image(), cases / "c.nii.gz")
+    volumes.write_image(ct_image(), cases / "c.nii.gz")
     code = cli.main(seg(tmp_path, card, cases, tmp_path / "out", "--stats", tmp_path / "v.csv"))
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
@@ -668,7 +668,7 @@ def test_full_disk_never_replaces_a_good_output(tmp_path, card, capsys, leave):
         assert code == 2 and "Traceback" not in err, err
         assert re.search(r"no space left|disk is full", err), err
         assert {p.name: p.read_bytes() for p in disk.iterdir() if p.name != "filler"} == old
-        assert io.read_image(out).GetSize() == (SIZE,) * 3
+        assert volumes.read_image(out).GetSize() == (SIZE,) * 3
 
 
 @pytest.mark.skipif(not can_mount(), reason="mounting a tmpfs needs root on Linux")
@@ -676,12 +676,12 @@ def test_full_disk_write_image_is_verified(tmp_path):
     """Unit level: a noisy label map that cannot fit is refused by the read-back; the old file stays."""
     with tmpfs(tmp_path / "disk", "size=128k") as disk:
         reference = sitk.Image([48, 48, 48], sitk.sitkInt16)
-        good = io.write_labelmap(np.zeros((48, 48, 48), np.uint8), reference, disk / "l.nii.gz", {1: "spleen"})
+        good = volumes.write_labelmap(np.zeros((48, 48, 48), np.uint8), reference, disk / "l.nii.gz", {1: "spleen"})
         old = good.read_bytes()
         fill(disk, 16384)
         noisy = np.random.default_rng(0).integers(0, 14, (48, 48, 48)).astype(np.uint8)
         with pytest.raises(UserError, match="writing .*l.nii.gz failed: the written file .*disk is full"):
-            io.write_labelmap(noisy, reference, disk / "l.nii.gz", {1: "spleen"})
+            volumes.write_labelmap(noisy, reference, disk / "l.nii.gz", {1: "spleen"})
         assert good.read_bytes() == old
         assert sorted(p.name for p in disk.iterdir()) == ["filler", "l.nii.gz", "l.nii.gz.labels.json"]
 
@@ -744,12 +744,12 @@ def originals(tmp_path_factory) -> Dict[str, bytes]:
     array = np.random.default_rng(1).integers(-1000, 1000, (8, 8, 8)).astype(np.int16)
     image = sitk.GetImageFromArray(array)
     image.SetSpacing((0.8, 0.9, 2.5))
-    return {suffix: io.write_image(image, folder / f"v{suffix}").read_bytes() for suffix in FORMATS}
+    return {suffix: volumes.write_image(image, folder / f"v{suffix}").read_bytes() for suffix in FORMATS}
 
 
 def _read_or_refuse(path: Path):
     try:
-        return io.read_image(path)
+        return volumes.read_image(path)
     except UserError:
         return None
 
@@ -763,9 +763,9 @@ def test_truncated_volumes_load_completely_or_are_refused(originals, tmp_path, s
     image = _read_or_refuse(path)
     if image is not None:  # only a cut that lost nothing may load, e.g. the last byte of a gzip trailer
         (tmp_path / f"o{suffix}").write_bytes(raw)
-        original = io.read_image(tmp_path / f"o{suffix}")
+        original = volumes.read_image(tmp_path / f"o{suffix}")
         assert np.array_equal(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(original))
-        assert io.same_geometry(image, original)
+        assert volumes.same_geometry(image, original)
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -785,7 +785,7 @@ def test_mutated_volumes_load_as_volumes_or_are_refused(originals, tmp_path, suf
     assert image.GetDimension() == 3 and image.GetNumberOfComponentsPerPixel() == 1
     if suffix == ".nii.gz":
         (tmp_path / "o.nii.gz").write_bytes(originals[suffix])
-        original = io.read_image(tmp_path / "o.nii.gz")
+        original = volumes.read_image(tmp_path / "o.nii.gz")
         assert np.array_equal(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(original))
 
 
@@ -872,7 +872,7 @@ def _segment_process(tmp_path: Path, card: Path, source: Path, out: Path, *extra
 def test_sigint_during_segment_leaves_nothing(tmp_path, card):
     big = sitk.GetImageFromArray(np.full((64, 64, 64), 60, np.int16))  # all body: thousands of windows
     big.SetSpacing((3.0, 3.0, 3.0))
-    src = io.write_image(big, tmp_path / "ct.nii.gz")
+    src = volumes.write_image(big, tmp_path / "ct.nii.gz")
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     proc = _segment_process(tmp_path, card, src, out_dir / "seg.nii.gz", "--overlap", "0.95")
@@ -894,5 +894,5 @@ def test_two_concurrent_segments_into_one_folder(tmp_path, card):
     results = [proc.communicate(timeout=300) for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], [err for _, err in results]
     assert sorted(p.name for p in out_dir.iterdir()) == ["seg.nii.gz", "seg.nii.gz.labels.json"]  # no temps
-    labels = sitk.GetArrayFromImage(io.read_image(out_dir / "seg.nii.gz"))
+    labels = sitk.GetArrayFromImage(volumes.read_image(out_dir / "seg.nii.gz"))
     assert labels.shape == (SIZE,) * 3 and set(np.unique(labels).tolist()) == {0, 6}  # liver inside the body

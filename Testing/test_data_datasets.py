@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from logonet.data import datasets, io
+from logonet.data import datasets, volumes
 from logonet.errors import UserError
 
 
@@ -83,7 +83,7 @@ def test_images_labels_pairs_layout(tmp_path: Path):
     for case in ("ct_a", "ct_b"):
         image = volume()
         write(image, root / "images" / f"{case}.nii.gz")
-        io.write_labelmap(labelmap(image), image, root / "labels" / f"{case}_seg.nrrd", {1: "liver", 2: "spleen"})
+        volumes.write_labelmap(labelmap(image), image, root / "labels" / f"{case}_seg.nrrd", {1: "liver", 2: "spleen"})
     index = datasets.discover(root)
     assert index.layout == "pairs"
     assert [(c["id"], Path(c["label"]).name) for c in index.cases] == [("ct_a", "ct_a_seg.nrrd"),
@@ -109,7 +109,7 @@ def test_unlabeled_folder_finds_every_volume_and_dicom_series(tmp_path: Path, sa
     series = [c for c in index.cases if c["id"] == "patient1__ct"][0]
     assert series["image"] == str(dicom.resolve())
     datasets.validate(index)
-    assert io.read_image(series["image"]).GetSize() == (512, 512, 4)
+    assert volumes.read_image(series["image"]).GetSize() == (512, 512, 4)
 
 
 def test_validation_lists_every_problem_and_writes_nothing(tmp_path: Path):

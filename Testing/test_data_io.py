@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from logonet.data import io, labels
+from logonet.data import labels, volumes
 from logonet.errors import UserError
 
 TOL = 1e-6
@@ -53,18 +53,18 @@ def label_array() -> np.ndarray:
 def test_labelmap_round_trip_keeps_geometry_values_and_names(tmp_path: Path, label_array: np.ndarray, suffix: str):
     reference = oblique_image(np.zeros(label_array.shape, dtype=np.int16))
     names = {2: "right kidney", 6: "liver", 13: "left adrenal gland"}
-    path = io.write_labelmap(label_array, reference, tmp_path / f"seg{suffix}", names)
-    back = io.read_image(path)
+    path = volumes.write_labelmap(label_array, reference, tmp_path / f"seg{suffix}", names)
+    back = volumes.read_image(path)
     assert_same_geometry(back, reference)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), label_array)
     assert back.GetPixelID() == sitk.sitkUInt8
     # Sidecar always, with colors; names also readable from the header once the sidecar is gone.
-    sidecar = json.loads(io.sidecar_path(path).read_text())
+    sidecar = json.loads(volumes.sidecar_path(path).read_text())
     assert [e["value"] for e in sidecar["labels"]] == [2, 6, 13]
     assert sidecar["labels"][1]["color"] == list(labels.BTCV_COLORS[6])
-    assert io.read_label_names(path) == names
-    io.sidecar_path(path).unlink()
-    header_names = io.read_label_names(path)
+    assert volumes.read_label_names(path) == names
+    volumes.sidecar_path(path).unlink()
+    header_names = volumes.read_label_names(path)
     if suffix in (".nii", ".nii.gz"):
         assert header_names == {2: "right kidney", 6: "liver", 13: "left adrenal gland"}  # fits in descrip
     else:
@@ -74,7 +74,7 @@ def test_labelmap_round_trip_keeps_geometry_values_and_names(tmp_path: Path, lab
 
 def test_seg_nrrd_has_slicer_segment_fields(tmp_path: Path, label_array: np.ndarray):
     reference = oblique_image(np.zeros(label_array.shape, dtype=np.int16))
-    path = io.write_labelmap(label_array, reference, tmp_path / "seg.seg.nrrd", labels.BTCV_NAMES)
+    path = volumes.write_labelmap(label_array, reference, tmp_path / "seg.seg.nrrd", labels.BTCV_NAMES)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
@@ -89,8 +89,8 @@ def test_seg_nrrd_has_slicer_segment_fields(tmp_path: Path, label_array: np.ndar
 def test_ct_round_trip_keeps_geometry_and_values(tmp_path: Path, suffix: str):
     ct = np.random.default_rng(1).integers(-1000, 2000, size=(5, 6, 7)).astype(np.int16)
     image = oblique_image(ct)
-    path = io.write_image(image, tmp_path / f"ct{suffix}")
-    back = io.read_image(path)
+    path = volumes.write_image(image, tmp_path / f"ct{suffix}")
+    back = volumes.read_image(path)
     assert_same_geometry(back, image)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), ct)
 
@@ -121,24 +121,24 @@ def test_dicom_series_folder_reads_with_geometry(tmp_path: Path):
     ct = np.random.default_rng(2).integers(-1000, 1000, size=(6, 16, 12)).astype(np.int16)
     spacing, origin = (0.75, 0.625, 2.5), (-120.5, -80.25, 310.0)
     write_dicom_series(tmp_path / "series", ct, spacing, origin)
-    image = io.read_image(tmp_path / "series")
+    image = volumes.read_image(tmp_path / "series")
     assert image.GetSize() == (12, 16, 6)
     np.testing.assert_allclose(image.GetSpacing(), spacing, atol=TOL)
     np.testing.assert_allclose(image.GetOrigin(), origin, atol=TOL)
     np.testing.assert_allclose(image.GetDirection(), np.eye(3).ravel(), atol=TOL)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), ct)
     # A label map written on the DICOM grid reads back on exactly that grid.
-    path = io.write_labelmap((ct > 0).astype(np.uint8), image, tmp_path / "mask.nii.gz", {1: "positive"})
-    assert_same_geometry(io.read_image(path), image)
+    path = volumes.write_labelmap((ct > 0).astype(np.uint8), image, tmp_path / "mask.nii.gz", {1: "positive"})
+    assert_same_geometry(volumes.read_image(path), image)
 
 
 def test_sample_dicom_series_matches_its_reference_label_map(sample_ct):
-    dicom = io.read_image(sample_ct["dicom"])
+    dicom = volumes.read_image(sample_ct["dicom"])
     assert dicom.GetSize() == (512, 512, 20)
-    btcv = io.read_image(sample_ct["dicom_labels"])
+    btcv = volumes.read_image(sample_ct["dicom_labels"])
     assert_same_geometry(btcv, dicom)
     # The original TotalSegmentator map stores the same voxels with the y axis flipped.
-    original = io.read_image(sample_ct["dicom_labels_totalseg"])
+    original = volumes.read_image(sample_ct["dicom_labels_totalseg"])
     assert_same_geometry(sitk.DICOMOrient(original, "LPS"), sitk.DICOMOrient(dicom, "LPS"))
     # Aligned, not just same-shaped: contrast-filled aorta is bright, the liver is soft tissue.
     hu, lab = sitk.GetArrayFromImage(dicom), sitk.GetArrayFromImage(btcv)
@@ -149,12 +149,12 @@ def test_sample_dicom_series_matches_its_reference_label_map(sample_ct):
 
 def test_metatensor_round_trip_is_lossless():
     image = oblique_image(np.arange(5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7))
-    tensor = io.image_to_metatensor(image)
+    tensor = volumes.image_to_metatensor(image)
     assert tuple(tensor.shape) == (1, 7, 6, 5)  # MONAI (C, x, y, z)
-    np.testing.assert_allclose(tensor.affine.numpy(), io.ras_affine(image), atol=1e-12)
+    np.testing.assert_allclose(tensor.affine.numpy(), volumes.ras_affine(image), atol=1e-12)
     # RAS affine = LPS affine with x, y negated.
-    np.testing.assert_allclose(io.ras_affine(image)[:2], -io.lps_affine(image)[:2], atol=1e-12)
-    back = io.metatensor_to_image(tensor)
+    np.testing.assert_allclose(volumes.ras_affine(image)[:2], -volumes.lps_affine(image)[:2], atol=1e-12)
+    back = volumes.metatensor_to_image(tensor)
     assert_same_geometry(back, image, tol=1e-9)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image))
 
@@ -163,13 +163,13 @@ def test_monai_loadimaged_with_simpleitk_reader(tmp_path: Path):
     from monai.transforms import LoadImaged
 
     image = oblique_image(np.random.default_rng(3).normal(size=(4, 5, 6)).astype(np.float32))
-    path = io.write_image(image, tmp_path / "x.nii.gz")
-    data = LoadImaged(keys="image", reader=io.SimpleITKReader(), ensure_channel_first=True)({"image": str(path)})
+    path = volumes.write_image(image, tmp_path / "x.nii.gz")
+    data = LoadImaged(keys="image", reader=volumes.SimpleITKReader(), ensure_channel_first=True)({"image": str(path)})
     tensor = data["image"]
     assert tuple(tensor.shape) == (1, 6, 5, 4)
-    np.testing.assert_allclose(tensor.affine.numpy(), io.ras_affine(image), atol=1e-6)
+    np.testing.assert_allclose(tensor.affine.numpy(), volumes.ras_affine(image), atol=1e-6)
     np.testing.assert_allclose(tensor[0].numpy(), sitk.GetArrayFromImage(image).transpose(2, 1, 0), atol=1e-6)
-    assert_same_geometry(io.metatensor_to_image(tensor), image)
+    assert_same_geometry(volumes.metatensor_to_image(tensor), image)
 
 
 def test_resample_to_reference_undoes_a_flip_exactly(label_array: np.ndarray):
@@ -177,65 +177,65 @@ def test_resample_to_reference_undoes_a_flip_exactly(label_array: np.ndarray):
     labels_image = sitk.GetImageFromArray(label_array)
     labels_image.CopyInformation(reference)
     flipped = sitk.Flip(labels_image, [False, True, False])  # same voxels, other index order
-    assert not io.same_geometry(flipped, reference)
-    back = io.resample_to_reference(flipped, reference)
+    assert not volumes.same_geometry(flipped, reference)
+    back = volumes.resample_to_reference(flipped, reference)
     assert_same_geometry(back, reference, tol=0)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), label_array)
 
 
 def test_read_image_errors_say_what_is_wrong(tmp_path: Path):
     with pytest.raises(UserError, match="does not exist"):
-        io.read_image(tmp_path / "missing.nii.gz")
+        volumes.read_image(tmp_path / "missing.nii.gz")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="empty folder"):
-        io.read_image(tmp_path / "empty")
+        volumes.read_image(tmp_path / "empty")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "readme.txt").write_text("hello")
     with pytest.raises(UserError, match="without a DICOM series"):
-        io.read_image(tmp_path / "notes")
+        volumes.read_image(tmp_path / "notes")
     (tmp_path / "zero.nii.gz").write_bytes(b"")
     with pytest.raises(UserError, match="empty file"):
-        io.read_image(tmp_path / "zero.nii.gz")
+        volumes.read_image(tmp_path / "zero.nii.gz")
     (tmp_path / "garbage.nii.gz").write_bytes(b"this is not a volume" * 50)
     with pytest.raises(UserError, match="cannot read .*garbage.nii.gz.*corrupt"):
-        io.read_image(tmp_path / "garbage.nii.gz")
+        volumes.read_image(tmp_path / "garbage.nii.gz")
     flat = sitk.GetImageFromArray(np.zeros((8, 9), dtype=np.int16))
     sitk.WriteImage(flat, str(tmp_path / "flat.nrrd"))
     with pytest.raises(UserError, match="2-D image, not a 3-D volume"):
-        io.read_image(tmp_path / "flat.nrrd")
+        volumes.read_image(tmp_path / "flat.nrrd")
     single = sitk.GetImageFromArray(np.zeros((1, 8, 9), dtype=np.int16))
     sitk.WriteImage(single, str(tmp_path / "single.nii.gz"))
     with pytest.raises(UserError, match="single 2-D slice"):
-        io.read_image(tmp_path / "single.nii.gz")
+        volumes.read_image(tmp_path / "single.nii.gz")
     series4d = sitk.GetImageFromArray(np.zeros((3, 4, 5, 6), dtype=np.int16), isVector=False)
     sitk.WriteImage(series4d, str(tmp_path / "t.nii.gz"))
     with pytest.raises(UserError, match="is 4-D"):
-        io.read_image(tmp_path / "t.nii.gz")
+        volumes.read_image(tmp_path / "t.nii.gz")
     rgb = sitk.GetImageFromArray(np.zeros((4, 5, 6, 3), dtype=np.uint8), isVector=True)
     sitk.WriteImage(rgb, str(tmp_path / "rgb.mha"))
     with pytest.raises(UserError, match="3 components per voxel"):
-        io.read_image(tmp_path / "rgb.mha")
+        volumes.read_image(tmp_path / "rgb.mha")
 
 
 def test_write_labelmap_rejects_bad_labels(tmp_path: Path):
     reference = oblique_image(np.zeros((4, 5, 6), dtype=np.int16))
     with pytest.raises(UserError, match=r"shape \(6, 5, 4\) does not match .* \(4, 5, 6\)"):
-        io.write_labelmap(np.zeros((6, 5, 4), np.uint8), reference, tmp_path / "a.nii.gz")
+        volumes.write_labelmap(np.zeros((6, 5, 4), np.uint8), reference, tmp_path / "a.nii.gz")
     with pytest.raises(UserError, match="whole numbers"):
-        io.write_labelmap(np.full((4, 5, 6), 0.5), reference, tmp_path / "a.nii.gz")
+        volumes.write_labelmap(np.full((4, 5, 6), 0.5), reference, tmp_path / "a.nii.gz")
     with pytest.raises(UserError, match=">= 0"):
-        io.write_labelmap(np.full((4, 5, 6), -1), reference, tmp_path / "a.nii.gz")
+        volumes.write_labelmap(np.full((4, 5, 6), -1), reference, tmp_path / "a.nii.gz")
     with pytest.raises(UserError, match="must end in one of"):
-        io.write_labelmap(np.zeros((4, 5, 6), np.uint8), reference, tmp_path / "a.png")
+        volumes.write_labelmap(np.zeros((4, 5, 6), np.uint8), reference, tmp_path / "a.png")
     other = oblique_image(np.zeros((4, 5, 6), dtype=np.uint8))
     other.SetOrigin((0.0, 0.0, 0.0))
     with pytest.raises(UserError, match="not on the reference grid"):
-        io.write_labelmap(other, reference, tmp_path / "a.nii.gz")
+        volumes.write_labelmap(other, reference, tmp_path / "a.nii.gz")
     assert not list(tmp_path.iterdir()), "a refused write must leave nothing behind"
     # Large label values switch to 16 bits.
     big = np.zeros((4, 5, 6), dtype=np.int32)
     big[0, 0, 0] = 300
-    assert io.read_image(io.write_labelmap(big, reference, tmp_path / "b.nrrd")).GetPixelID() == sitk.sitkUInt16
+    assert volumes.read_image(volumes.write_labelmap(big, reference, tmp_path / "b.nrrd")).GetPixelID() == sitk.sitkUInt16
 
 
 def test_btcv_schema_and_totalsegmentator_map():

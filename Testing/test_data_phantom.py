@@ -8,7 +8,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from logonet.cli import main
-from logonet.data import datasets, io
+from logonet.data import datasets, volumes
 from logonet.data.labels import BTCV_NAMES
 from logonet.data.phantom import PHANTOM_LABELS, make_phantom
 
@@ -57,17 +57,17 @@ def test_cli_writes_msd_dataset(tmp_path: Path, capsys):
     assert meta["labels"] == {"0": "background", **{str(v): BTCV_NAMES[v] for v in PHANTOM_LABELS}}
     index = datasets.validate(out)
     assert index.layout == "msd" and len(index.cases) == 3
-    image = io.read_image(index.cases[0]["image"])
-    label = io.read_image(index.cases[0]["label"])
+    image = volumes.read_image(index.cases[0]["image"])
+    label = volumes.read_image(index.cases[0]["label"])
     assert image.GetSize() == (32, 32, 32) and image.GetSpacing() == (1.5, 1.5, 2.0)
-    assert io.same_geometry(image, label, tol=0)
+    assert volumes.same_geometry(image, label, tol=0)
     assert image.GetPixelID() == sitk.sitkInt16
     for case in index.cases:
-        assert set(np.unique(sitk.GetArrayFromImage(io.read_image(case["label"])))) == {0, *PHANTOM_LABELS}
+        assert set(np.unique(sitk.GetArrayFromImage(volumes.read_image(case["label"])))) == {0, *PHANTOM_LABELS}
     # Same seed again: identical images.
     again = tmp_path / "again"
     main(["phantom", str(again), "--cases", "1", "--size", "32", "--seed", "5", "--progress", "none"])
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(io.read_image(again / "imagesTr" / "phantom_000.nii.gz")),
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(volumes.read_image(again / "imagesTr" / "phantom_000.nii.gz")),
                                   sitk.GetArrayFromImage(image))
 
 

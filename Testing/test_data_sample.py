@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from logonet.cli import main
-from logonet.data import io, sample
+from logonet.data import sample, volumes
 from logonet.errors import UserError
 
 
@@ -26,10 +26,10 @@ def forbid_pip(monkeypatch):
 def test_sample_files_and_btcv_labels(sample_ct):
     assert set(sample_ct) == set(sample.FILES) | {"root"}
     assert all(Path(p).exists() for p in sample_ct.values())
-    ct = io.read_image(sample_ct["ct"])
+    ct = volumes.read_image(sample_ct["ct"])
     assert ct.GetSize() == (122, 101, 112) and ct.GetSpacing() == (3.0, 3.0, 3.0)
-    labels = io.read_image(sample_ct["ct_labels"])
-    assert io.same_geometry(labels, ct, tol=1e-6)
+    labels = volumes.read_image(sample_ct["ct_labels"])
+    assert volumes.same_geometry(labels, ct, tol=1e-6)
     values = set(np.unique(sitk.GetArrayFromImage(labels)).tolist())
     assert values == {0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 12, 13}  # 12 of 13 organs: no esophagus
     hu = sitk.GetArrayFromImage(ct)
@@ -38,8 +38,8 @@ def test_sample_files_and_btcv_labels(sample_ct):
     for value in (1, 6, 8, 9, 10):
         assert 25 < np.median(hu[lab == value]) < 80, value
         assert hu[np.roll(lab, 8, axis=2) == value].mean() < hu[lab == value].mean() - 20, value
-    assert io.read_label_names(sample_ct["ct_labels"])[11] == "pancreas"
-    assert io.read_image(sample_ct["ct_fine"]).GetSpacing() == (1.5, 1.5, 1.5)
+    assert volumes.read_label_names(sample_ct["ct_labels"])[11] == "pancreas"
+    assert volumes.read_image(sample_ct["ct_fine"]).GetSpacing() == (1.5, 1.5, 1.5)
 
 
 def test_second_call_is_instant_and_offline(sample_ct, monkeypatch, capsys):
@@ -110,14 +110,14 @@ def test_archive_extraction_takes_only_reference_files(sample_ct, tmp_path: Path
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, pyio.BytesIO(data))
-    monkeypatch.setattr(sample, "SHA256", io.sha256_file(archive))
+    monkeypatch.setattr(sample, "SHA256", volumes.sha256_file(archive))
     forbid_pip(monkeypatch)
     dest = tmp_path / "offline"
     paths = sample.fetch_sample(dest, archive=archive)
     for key in ("ct_labels", "dicom_labels"):
-        mine = io.read_image(paths[key])
-        reference = io.read_image(sample_ct[key])
-        assert io.same_geometry(mine, reference, tol=0)
+        mine = volumes.read_image(paths[key])
+        reference = volumes.read_image(sample_ct[key])
+        assert volumes.same_geometry(mine, reference, tol=0)
         np.testing.assert_array_equal(sitk.GetArrayFromImage(mine), sitk.GetArrayFromImage(reference))
     files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file() and p.name != ".lock")
     assert "example_mr_sm.nii.gz" not in files and not (tmp_path / "evil.txt").exists()

@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from logonet.cli import main
-from logonet.data import datasets, io
+from logonet.data import datasets, volumes
 from logonet.data.labels import totalseg_to_btcv
 from logonet.data.synth import PHASES, TISSUES, SynthSettings, synthesise, write_synth_dataset
 from logonet.errors import UserError
@@ -25,12 +25,12 @@ PLAIN = SynthSettings(texture=(0.0, 0.0), tissue_noise=(1.0, 1.0), blur_prob=0.0
 def source(sample_ct: Dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A pairs dataset with one case: an 80x50x30 crop of the sample CT through liver, spleen and kidneys."""
     root = tmp_path_factory.mktemp("synth_source")
-    ct, seg = io.read_image(sample_ct["ct"]), io.read_image(sample_ct["ct_labels_totalseg"])
+    ct, seg = volumes.read_image(sample_ct["ct"]), volumes.read_image(sample_ct["ct_labels_totalseg"])
     box = [slice(10, 90), slice(20, 70), slice(75, 105)]  # x, y, z (SimpleITK index order)
     crop_ct, crop_seg = ct[box[0], box[1], box[2]], seg[box[0], box[1], box[2]]
     assert {1, 5}.issubset(set(np.unique(sitk.GetArrayFromImage(crop_seg))))  # spleen, liver
-    io.write_image(crop_ct, root / "images" / "case0.nii.gz")
-    io.write_image(crop_seg, root / "labels" / "case0.nii.gz")
+    volumes.write_image(crop_ct, root / "images" / "case0.nii.gz")
+    volumes.write_image(crop_seg, root / "labels" / "case0.nii.gz")
     return root
 
 
@@ -54,12 +54,12 @@ def test_same_seed_same_case_other_seed_other_case(source: Path, tmp_path: Path)
 def test_geometry_equals_the_source_map_and_organs_are_present(source: Path, tmp_path: Path):
     out = write_synth_dataset(source, tmp_path / "s", cases=3, seed=0,
                               settings=SynthSettings(slab_prob=0.0))
-    src = io.read_image(source / "labels" / "case0.nii.gz")
+    src = volumes.read_image(source / "labels" / "case0.nii.gz")
     organs = set(np.unique(totalseg_to_btcv(sitk.GetArrayFromImage(src)))) - {0}
     for i in range(3):
-        image = io.read_image(out / "imagesTr" / f"synth_{i:03d}.nii.gz")
-        label = io.read_image(out / "labelsTr" / f"synth_{i:03d}.nii.gz")
-        assert io.same_geometry(image, src) and io.same_geometry(label, src)
+        image = volumes.read_image(out / "imagesTr" / f"synth_{i:03d}.nii.gz")
+        label = volumes.read_image(out / "labelsTr" / f"synth_{i:03d}.nii.gz")
+        assert volumes.same_geometry(image, src) and volumes.same_geometry(label, src)
         assert image.GetPixelID() == sitk.sitkInt16
         present = set(np.unique(sitk.GetArrayFromImage(label))) - {0}
         assert present == organs  # deformation moves organs, it never drops one
@@ -69,7 +69,7 @@ def test_geometry_equals_the_source_map_and_organs_are_present(source: Path, tmp
 
 
 def test_tissue_intensities_are_the_drawn_means_inside_the_phase_ranges(sample_ct, source: Path):
-    ct, seg = io.read_image(source / "images" / "case0.nii.gz"), io.read_image(source / "labels" / "case0.nii.gz")
+    ct, seg = volumes.read_image(source / "images" / "case0.nii.gz"), volumes.read_image(source / "labels" / "case0.nii.gz")
     hu = sitk.GetArrayFromImage(ct).astype(np.float32)
     labels = sitk.GetArrayFromImage(seg).astype(np.int16)
     phases = set()
@@ -100,7 +100,7 @@ def test_default_synthesis_keeps_hu_plausible_and_texture(source: Path, tmp_path
 
 
 def test_slab_keeps_a_thin_axial_band_and_air_elsewhere(source: Path):
-    ct, seg = io.read_image(source / "images" / "case0.nii.gz"), io.read_image(source / "labels" / "case0.nii.gz")
+    ct, seg = volumes.read_image(source / "images" / "case0.nii.gz"), volumes.read_image(source / "labels" / "case0.nii.gz")
     hu = sitk.GetArrayFromImage(ct).astype(np.float32)
     labels = sitk.GetArrayFromImage(seg).astype(np.int16)
     settings = SynthSettings(slab_prob=1.0, slab_mm=(30.0, 30.0))
@@ -115,9 +115,9 @@ def test_slab_keeps_a_thin_axial_band_and_air_elsewhere(source: Path):
 
 def test_bad_sources_are_refused_with_a_reason(source: Path, tmp_path: Path):
     btcv_only = tmp_path / "btcv"
-    image = io.read_image(source / "images" / "case0.nii.gz")
-    io.write_image(image, btcv_only / "images" / "a.nii.gz")
-    io.write_image(sitk.Cast(image > 5000, sitk.sitkUInt8) + 200, btcv_only / "labels" / "a.nii.gz")
+    image = volumes.read_image(source / "images" / "case0.nii.gz")
+    volumes.write_image(image, btcv_only / "images" / "a.nii.gz")
+    volumes.write_image(sitk.Cast(image > 5000, sitk.sitkUInt8) + 200, btcv_only / "labels" / "a.nii.gz")
     with pytest.raises(UserError, match="not TotalSegmentator ids"):
         write_synth_dataset(btcv_only, tmp_path / "o1", cases=1)
     with pytest.raises(UserError, match="at least 1"):

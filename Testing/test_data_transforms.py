@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from logonet.data import datasets, io
+from logonet.data import datasets, volumes
 from logonet.data.transforms import (PreprocessConfig, cached_dataset, infer_transforms, labels_to_input_grid,
                                      preprocess_for_inference, train_transforms, val_transforms)
 from logonet.errors import UserError
@@ -155,7 +155,7 @@ def test_known_organ_lands_where_it_should(cases):
         idx = np.argwhere(label[0].numpy() == value).mean(axis=0)
         return (affine @ np.append(idx, 1.0))[:3]
 
-    raw = io.read_image(cases[0]["label"])
+    raw = volumes.read_image(cases[0]["label"])
     raw_array = sitk.GetArrayFromImage(raw)
     for value in (LIVER, SPLEEN, AORTA):
         zyx = np.argwhere(raw_array == value).mean(axis=0)
@@ -167,8 +167,8 @@ def test_known_organ_lands_where_it_should(cases):
 
 
 def test_prediction_maps_back_onto_an_oblique_input_grid_exactly(cases, tmp_path: Path):
-    raw_image = io.read_image(cases[0]["image"])
-    raw_label = io.read_image(cases[0]["label"])
+    raw_image = volumes.read_image(cases[0]["image"])
+    raw_label = volumes.read_image(cases[0]["label"])
     # An input stored in an unusual orientation (axes permuted and flipped, same physical voxels).
     image = sitk.Flip(sitk.PermuteAxes(raw_image, [2, 0, 1]), [True, False, False])
     truth = sitk.Flip(sitk.PermuteAxes(raw_label, [2, 0, 1]), [True, False, False])
@@ -177,22 +177,22 @@ def test_prediction_maps_back_onto_an_oblique_input_grid_exactly(cases, tmp_path
     assert x.shape[0] == 1 and x.dtype == torch.float32
     # A perfect network: one-hot scores from the label put through the same geometric pipeline.
     processed = val_transforms(cfg, keys=("image", "label"))(
-        {"image": io.write_image(image, tmp_path / "img.nii.gz"), "label": io.write_image(truth, tmp_path / "lab.nii.gz")})
+        {"image": volumes.write_image(image, tmp_path / "img.nii.gz"), "label": volumes.write_image(truth, tmp_path / "lab.nii.gz")})
     assert processed["label"].shape == x.shape
     np.testing.assert_allclose(processed["label"].affine.numpy(), x.affine.numpy(), atol=1e-6)
     scores = torch.nn.functional.one_hot(processed["label"][0].as_tensor().long(), 14).permute(3, 0, 1, 2).float()[None]
     scores = type(x)(scores, affine=x.affine)  # MetaTensor (1, C, X, Y, Z) as a sliding-window output
     back = labels_to_input_grid(scores, image)
-    assert io.same_geometry(back, image, tol=0)
+    assert volumes.same_geometry(back, image, tol=0)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(truth))
 
 
 def test_prediction_at_other_spacing_maps_back_closely(cases):
-    image, truth = io.read_image(cases[1]["image"]), io.read_image(cases[1]["label"])
+    image, truth = volumes.read_image(cases[1]["image"]), volumes.read_image(cases[1]["label"])
     cfg = PreprocessConfig(spacing=(2.0, 2.0, 2.5))
     out = val_transforms(cfg)(dict(cases[1]))
     back = labels_to_input_grid(out["label"], image)  # (1, X, Y, Z) labels work too
-    assert io.same_geometry(back, image, tol=0)
+    assert volumes.same_geometry(back, image, tol=0)
     a, b = sitk.GetArrayFromImage(back) == LIVER, sitk.GetArrayFromImage(truth) == LIVER
     assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.9
 
@@ -200,7 +200,7 @@ def test_prediction_at_other_spacing_maps_back_closely(cases):
 def test_infer_transforms_on_a_path_match_preprocess_for_inference(cases):
     cfg = PreprocessConfig(spacing=(2.0, 2.0, 2.0))
     from_path = infer_transforms(cfg)({"image": cases[2]["image"]})["image"]
-    from_image = preprocess_for_inference(io.read_image(cases[2]["image"]), cfg)
+    from_image = preprocess_for_inference(volumes.read_image(cases[2]["image"]), cfg)
     assert from_path.shape == from_image.shape
     np.testing.assert_allclose(from_path.numpy(), from_image.numpy(), atol=1e-5)
     np.testing.assert_allclose(from_path.affine.numpy(), from_image.affine.numpy(), atol=1e-9)

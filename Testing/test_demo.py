@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from logonet import cli
-from logonet.data import io
+from logonet.data import volumes
 from logonet.demo import overlay_png, prepare_dataset
 
 #: Issue 4's target for the bundled demo model's mean Dice on its own training scan (it measures 0.915 there,
@@ -53,8 +53,8 @@ def test_demo_end_to_end(tmp_path, capsys):
     seg = out / "example_ct_seg.nii.gz"
     from logonet.data.sample import fetch_sample
 
-    ct = io.read_image(fetch_sample()["ct"])
-    assert io.same_geometry(io.read_image(seg), ct) and io.read_image(seg).GetSize() == ct.GetSize()
+    ct = volumes.read_image(fetch_sample()["ct"])
+    assert volumes.same_geometry(volumes.read_image(seg), ct) and volumes.read_image(seg).GetSize() == ct.GetSize()
     assert (out / "overview.png").read_bytes()[:4] == b"\x89PNG"
     rows = list(csv.DictReader(open(out / "dice.csv")))
     assert len(rows) == 13 and rows[-1]["name"] == "mean"  # 12 organs + mean

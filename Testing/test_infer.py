@@ -11,7 +11,7 @@ import SimpleITK as sitk
 import torch
 
 from logonet import cli, infer, modelcard
-from logonet.data import io
+from logonet.data import volumes
 from logonet.data.labels import btcv_label_dicts
 from logonet.data.phantom import make_phantom, phantom_image
 from logonet.events import ProgressReporter
@@ -77,8 +77,8 @@ def test_output_geometry_equals_input(tmp_path, card, volume, kind, capsys):
     if kind == "dicom":
         src = _write_dicom(volume, tmp_path / "series")
     else:
-        src = io.write_image(volume, tmp_path / f"ct.{kind}")
-    reference = io.read_image(src)
+        src = volumes.write_image(volume, tmp_path / f"ct.{kind}")
+    reference = volumes.read_image(src)
     out = tmp_path / f"seg.{'nii.gz' if kind == 'dicom' else kind}"
     code, _, err = _segment([src, out, "--model", card, "--device", "cpu", "--progress", "none"], capsys)
     assert code == 0, err
@@ -94,11 +94,11 @@ def test_output_geometry_equals_input(tmp_path, card, volume, kind, capsys):
         np.testing.assert_allclose(seg.GetDirection(), reference.GetDirection(), atol=1e-6)
     array = sitk.GetArrayFromImage(seg)
     assert set(np.unique(array)) <= {0, 6} and (array == 6).sum() > 0.2 * array.size
-    assert io.read_label_names(out) == {1: "spleen", 6: "liver"}  # every organ the model knows
+    assert volumes.read_label_names(out) == {1: "spleen", 6: "liver"}  # every organ the model knows
 
 
 def test_progress_jsonl_schema_and_stats(tmp_path, card, volume, capsys):
-    src = io.write_image(volume, tmp_path / "ct.nii.gz")
+    src = volumes.write_image(volume, tmp_path / "ct.nii.gz")
     out, stats = tmp_path / "seg.nii.gz", tmp_path / "stats.csv"
     code, stdout, err = _segment([src, out, "--model", card, "--device", "cpu", "--progress", "jsonl",
                                   "--stats", stats, "--fast"], capsys)
@@ -133,14 +133,15 @@ def test_progress_jsonl_error_event(tmp_path, card, capsys):
     assert "does not exist" in err
 
 
-def test_roi_and_batch_mode(tmp_path, card, volume, capsys):
+def test_box_and_batch_mode(tmp_path, card, volume, capsys):
     folder = tmp_path / "cases"
-    io.write_image(volume, folder / "a.nii.gz")
-    io.write_image(volume, folder / "b.nrrd")
+    volumes.write_image(volume, folder / "a.nii.gz")
+    volumes.write_image(volume, folder / "b.nrrd")
     out = tmp_path / "segs"
-    code, _, err = _segment([folder, out, "--model", card, "--device", "cpu", "--roi", "4,5,6,20,22,24",
+    code, _, err = _segment([folder, out, "--model", card, "--device", "cpu", "--box", "4,5,6,20,22,24",
                              "--largest-component"], capsys)
     assert code == 0, err
+    assert "deprecated" not in err
     assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".json")) == ["a.nii.gz", "b.nrrd"]
     array = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "b.nrrd")))  # (z, y, x)
     inside = np.zeros(array.shape, bool)
@@ -148,23 +149,36 @@ def test_roi_and_batch_mode(tmp_path, card, volume, capsys):
     assert not array[~inside].any() and array[inside].any()
 
 
-def test_bad_roi(tmp_path, card, volume, capsys):
-    src = io.write_image(volume, tmp_path / "ct.nii.gz")
+def test_bad_box(tmp_path, card, volume, capsys):
+    src = volumes.write_image(volume, tmp_path / "ct.nii.gz")
     out = tmp_path / "seg.nii.gz"
-    for roi, message in (("0,0,0,40,10,10", "outside the volume"), ("1,2,3", "six integers")):
-        code, _, err = _segment([src, out, "--model", card, "--device", "cpu", "--roi", roi], capsys)
-        assert code == 2 and "--roi" in err and message in err and not out.exists()
+    for box, message in (("0,0,0,40,10,10", "outside the volume"), ("1,2,3", "six integers")):
+        code, _, err = _segment([src, out, "--model", card, "--device", "cpu", "--box", box], capsys)
+        assert code == 2 and "--box" in err and message in err and not out.exists()
     with pytest.raises(Exception, match="outside the volume"):
-        infer.parse_roi("5,5,5,5,10,10", (32, 32, 32))  # empty box
+        infer.parse_box("5,5,5,5,10,10", (32, 32, 32))  # empty box
     with pytest.raises(Exception, match="six integers"):
-        infer.parse_roi("a,b,c,d,e,f", (32, 32, 32))
+        infer.parse_box("a,b,c,d,e,f", (32, 32, 32))
+
+
+def test_old_roi_name_is_a_deprecated_alias_of_box(capsys):
+    """``segment --roi`` (the voxel box's old name) still parses into ``box`` for one release, with one notice."""
+    from logonet import cli
+
+    parser, _ = cli.command_parser("segment")
+    args = parser.parse_args(["in.nii.gz", "out.nii.gz", "--roi", "1,2,3,4,5,6"])
+    err = capsys.readouterr().err
+    assert args.box == "1,2,3,4,5,6" and not hasattr(args, "roi")
+    assert err == "logonet segment: --roi is deprecated and will be removed in the next release; use --box\n"
+    assert parser.parse_args(["in.nii.gz", "out.nii.gz", "--box", "1,2,3,4,5,6"]).box == "1,2,3,4,5,6"
+    assert capsys.readouterr().err == "" and "--roi" not in parser.format_help()
 
 
 def test_bad_inputs_clear_error_nothing_written(tmp_path, card, volume, capsys):
     flat = sitk.GetImageFromArray(np.zeros((20, 20), np.int16))
     sitk.WriteImage(flat, str(tmp_path / "slice.nii.gz"))
     (tmp_path / "notes.nii.gz").write_text("this is not an image")
-    src = io.write_image(volume, tmp_path / "ct.nii.gz")
+    src = volumes.write_image(volume, tmp_path / "ct.nii.gz")
     out = tmp_path / "out" / "seg.nii.gz"
     cases = [
         ([tmp_path / "slice.nii.gz", out, "--model", card], "2-D"),
@@ -174,7 +188,7 @@ def test_bad_inputs_clear_error_nothing_written(tmp_path, card, volume, capsys):
         ([tmp_path / "nothing.nii.gz", out, "--model", card], "does not exist"),
         ([src, src, "--model", card], "is the input image itself"),
         ([src, out, "--model", card, "--sw-batch", "0"], "--sw-batch must be at least 1"),
-        ([io.write_image(sitk.Image(volume.GetSize(), sitk.sitkInt16) - 2000, tmp_path / "air.nii.gz"), out,
+        ([volumes.write_image(sitk.Image(volume.GetSize(), sitk.sitkInt16) - 2000, tmp_path / "air.nii.gz"), out,
           "--model", card], "Hounsfield"),
     ]
     for args, message in cases:
@@ -197,9 +211,9 @@ def test_bad_inputs_clear_error_nothing_written(tmp_path, card, volume, capsys):
         code, _, err = _segment([src, out, "--model", bad, "--device", "cpu"], capsys)
         assert code == 2 and message in err, err
     assert not out.exists() and not (tmp_path / "out").exists()
-    assert io.read_image(src).GetPixelID() == volume.GetPixelID()  # the CT was not replaced by a labelmap
+    assert volumes.read_image(src).GetPixelID() == volume.GetPixelID()  # the CT was not replaced by a labelmap
     batch = tmp_path / "batch"
-    io.write_image(volume, batch / "a.nii.gz")
+    volumes.write_image(volume, batch / "a.nii.gz")
     code, _, err = _segment([batch, batch, "--model", card, "--device", "cpu"], capsys)
     assert code == 2 and "is the input image itself" in err, err
 
@@ -255,3 +269,19 @@ def test_oom_on_cpu_is_not_swallowed(card, volume, monkeypatch):
     monkeypatch.setattr(infer, "sliding_window_logits", boom)
     with pytest.raises(torch.cuda.OutOfMemoryError):
         predictor.predict(volume)
+
+
+@pytest.mark.parametrize("shape,roi,overlap", [((40, 33, 20), (16, 16, 16), 0.5), ((16, 16, 16), (16, 16, 16), 0.25),
+                                               ((50, 17, 9), (32, 16, 8), 0.75), ((10, 70, 8), (16, 32, 8), 0.0)])
+def test_count_windows_is_what_monai_sliding_window_visits(shape, roi, overlap):
+    """The window count (progress totals) equals the windows MONAI's sliding_window_inference really runs."""
+    from monai.inferers import sliding_window_inference
+
+    seen = []
+
+    def predictor(window):
+        seen.append(window.shape[0])
+        return window
+
+    sliding_window_inference(torch.zeros(1, 1, *shape), roi, 1, predictor, overlap=overlap)
+    assert sum(seen) == infer.count_windows(shape, roi, overlap)

@@ -15,7 +15,7 @@ import torch
 from logonet import cli, modelcard
 from logonet.events import parse_event_line
 from logonet.nets import build_model
-from logonet.train.init import init_from_card
+from logonet.train.warmstart import init_from_card
 
 # One step per epoch (both volumes, one 32^3 crop each); a high learning rate so two steps show learning.
 TINY = ["--clusterers", "3", "--k-min", "4", "--k-max", "8", "--roi", "32", "--features", "16", "--lr", "1e-2",

@@ -17,7 +17,7 @@ from logonet.train import loader as loading
 from logonet.train.checkpoints import load_checkpoint
 from logonet.train.distributed import DistContext
 from logonet.runtime import resolve_amp, select_device
-from logonet.train.init import load_matching
+from logonet.train.warmstart import load_matching
 
 
 class Toy(nn.Module):

@@ -14,7 +14,7 @@ import torch
 
 from logonet import cli, modelcard
 from logonet.train import finetune
-from logonet.train.init import init_from_card
+from logonet.train.warmstart import init_from_card
 
 BASE = ["--preset", "T", "--spacing", "3", "--device", "cpu", "--progress", "jsonl",
         "--val-fraction", "0", "--no-augment", "--seed", "0"]
@@ -48,17 +48,17 @@ def two_organ_data(make_phantom_dataset, tmp_path_factory):
     """Phantoms reduced to spleen (1) and liver (6): big enough to learn in a few CPU steps."""
     import SimpleITK as sitk
 
-    from logonet.data import io
+    from logonet.data import volumes
 
     src = make_phantom_dataset(cases=2, size=48, seed=0)
     dst = tmp_path_factory.mktemp("two_organs")
     meta = json.loads((src / "dataset.json").read_text())
     for entry in meta["training"]:
-        image = io.read_image(src / entry["image"])
-        io.write_image(image, dst / entry["image"])
-        labels = sitk.GetArrayFromImage(io.read_image(src / entry["label"]))
+        image = volumes.read_image(src / entry["image"])
+        volumes.write_image(image, dst / entry["image"])
+        labels = sitk.GetArrayFromImage(volumes.read_image(src / entry["label"]))
         labels[(labels != 1) & (labels != 6)] = 0
-        io.write_labelmap(labels, image, dst / entry["label"], {1: "spleen", 6: "liver"})
+        volumes.write_labelmap(labels, image, dst / entry["label"], {1: "spleen", 6: "liver"})
     meta["labels"] = {"0": "background", "1": "spleen", "6": "liver"}
     (dst / "dataset.json").write_text(json.dumps(meta))
     return dst
@@ -82,7 +82,9 @@ def test_finetune_learns_then_resumes(two_organ_data, tmp_path, capsys):
         assert card.out_channels == 3 and card.label_names == {1: "spleen", 6: "liver"}
         assert card.label_values == [0, 1, 6]
         assert card.spacing == (3.0, 3.0, 3.0) and card.roi_size == (32, 32, 32)
-        assert card.meta["preprocessing"]["crop_by"] == "classes"
+        assert card.meta["training"]["augmentation"]["crop_by"] == "classes"
+        assert set(card.meta["preprocessing"]) == {"orientation", "spacing", "intensity_window", "roi_size",
+                                                  "crop_foreground"}  # no runtime or augmentation field
     assert modelcard.load(out / "best").meta["metrics"]["val_mean_dice"] == pytest.approx(best)
     assert modelcard.load(out / "last").meta["training"]["epochs"] == 4
     rows = list(csv.DictReader(open(out / "metrics.csv")))
@@ -131,7 +133,7 @@ def test_finetune_mixes_folders_with_their_repeats_and_validates_on_val_data(two
         [f"{other.name}/phantom_000"]
     assert training["val_cases"] == ["phantom_000"] and training["val_data"] == str(other.resolve())
     assert card.meta["metrics"]["val_source"] == "held_out"
-    assert card.meta["preprocessing"]["augment"] == "nnunet"
+    assert card.meta["training"]["augmentation"]["augment"] == "nnunet"
     # --repeats must give one number, or one per folder.
     assert cli.main(["finetune", str(two_organ_data), str(other), "--repeats", "1", "2", "3",
                      "--out", str(tmp_path / "bad"), *args]) == 2

@@ -1,14 +1,20 @@
 """The ``logonet`` command line: ``logonet segment | finetune | pretrain | evaluate | sample | phantom | synth | bench | demo``.
 
 Each sub-command lives in the module that does its work and exposes two functions:
-``configure(parser)`` adds its arguments and ``run(args) -> int`` does the job. This file only dispatches,
-imports lazily (so ``logonet --help`` is instant) and turns expected errors into one clear line.
+``configure(parser)`` adds its arguments and ``run(args) -> int`` does the job (for training, ``run`` maps the
+arguments to a typed config and calls the API). This file only dispatches, imports lazily (so ``logonet --help``
+is instant) and is the one error boundary: a :class:`~logonet.errors.UserError` (or an environment ``OSError``)
+becomes one line and exit code 2; anything else is a bug and keeps its traceback, printed and written to a log.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
+import time
+import traceback
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from . import __version__
@@ -56,6 +62,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     parser, module = command_parser(argv[0])
     args = parser.parse_args(argv[1:])
+    args.command_line = "logonet " + " ".join(shlex.quote(a) for a in argv)  # what a model card records
     try:
         return int(module.run(args) or 0)  # type: ignore[attr-defined]
     except UserError as error:
@@ -71,6 +78,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("logonet: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        _log_crash(args.command_line)
+        raise  # a bug: the traceback is printed as usual (exit code 1)
 
 
 def _fail(command: str, args: argparse.Namespace, message: str) -> int:
@@ -85,6 +95,27 @@ def _fail(command: str, args: argparse.Namespace, message: str) -> int:
         ProgressReporter("jsonl").emit("error", message=message)
     print(f"logonet {command}: error: {message}", file=sys.stderr)
     return 2
+
+
+def crash_log_dir() -> Path:
+    """Where tracebacks of unexpected errors are kept: ``<user cache>/logonet/logs``."""
+    from .data.sample import default_cache_dir
+
+    return default_cache_dir().parent / "logs"
+
+
+def _log_crash(command_line: str) -> None:
+    """Write the current exception's traceback to a log file and say where (never raises)."""
+    try:
+        folder = crash_log_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / time.strftime("crash-%Y%m%d-%H%M%S.log")
+        path.write_text(f"{command_line}\nlogonet {__version__}, Python {sys.version.split()[0]}\n\n"
+                        f"{traceback.format_exc()}", encoding="utf-8")
+        print(f"logonet: unexpected error (a bug, please report it); the traceback is also in {path}",
+              file=sys.stderr)
+    except Exception:  # the log is a courtesy: never hide the original error behind a failing write
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,13 +24,13 @@ def prepare_dataset(out: Any, sample: Optional[Mapping[str, str]] = None) -> Pat
     import SimpleITK as sitk
 
     from .atomic import write_json_atomic
-    from .data import io
+    from .data import volumes
     from .data.labels import BTCV_NAMES
     from .data.sample import fetch_sample
 
     sample = sample or fetch_sample()
     out = Path(out)
-    labels = sitk.GetArrayFromImage(io.read_image(sample["ct_labels"]))
+    labels = sitk.GetArrayFromImage(volumes.read_image(sample["ct_labels"]))
     present = [int(v) for v in np.unique(labels) if v != 0]
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
@@ -174,7 +174,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .data import io
+    from .data import volumes
     from .data.sample import fetch_sample
     from .evaluate import format_table
     from .events import reporter_for
@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     first = results[scans[0]]
     predictor = first["predictor"]
     colors = {int(e["value"]): e.get("color", [255, 0, 0]) for e in predictor.card.labels}
-    png = overlay_png(io.read_image(first["source"]), io.read_image(first["seg"]), colors, out / "overview.png",
+    png = overlay_png(volumes.read_image(first["source"]), volumes.read_image(first["seg"]), colors, out / "overview.png",
                       window=predictor.cfg.intensity_window,
                       title=f"logonet demo: {predictor.card.name} on {Path(first['source']).name}")
     for scan, result in results.items():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io as _io
+import io
 import math
 import sys
 import warnings
@@ -54,13 +54,13 @@ def score(pred: np.ndarray, ref: np.ndarray, values: Sequence[int], spacing: Seq
 
 
 def _names(*paths: Path) -> Dict[int, str]:
-    from .data import io
+    from .data import volumes
     from .data.labels import BTCV_NAMES
 
     names = dict(BTCV_NAMES)
     for path in paths:
         try:
-            names.update(io.read_label_names(path))
+            names.update(volumes.read_label_names(path))
         except UserError:
             pass
     return names
@@ -109,17 +109,17 @@ def evaluate_files(pred_path: Any, ref_path: Any, labels: Optional[Sequence[int]
     """Score a predicted label map file against a reference file (see :func:`score`)."""
     import SimpleITK as sitk
 
-    from .data import io
+    from .data import volumes
 
-    pred_img, ref_img = io.read_image(pred_path), io.read_image(ref_path)
+    pred_img, ref_img = volumes.read_image(pred_path), volumes.read_image(ref_path)
     ref = _label_values(sitk.GetArrayFromImage(ref_img), "reference", ref_path)
-    differences = io.geometry_differences(pred_img, ref_img)
+    differences = volumes.geometry_differences(pred_img, ref_img)
     if differences and not resample:
         raise UserError(f"{pred_path} is not on the grid of {ref_path} (" + "; ".join(differences) + "); "
                         "segment the reference's CT, or pass --resample to put the prediction onto its grid")
     pred = _label_values(sitk.GetArrayFromImage(pred_img), "prediction", pred_path)
     if differences:
-        pred_img = io.resample_to_reference(sitk.Cast(pred_img, sitk.sitkUInt16), ref_img)
+        pred_img = volumes.resample_to_reference(sitk.Cast(pred_img, sitk.sitkUInt16), ref_img)
         pred = sitk.GetArrayFromImage(pred_img).astype(np.int64)
     names = _names(Path(pred_path), Path(ref_path))
     values = list(labels) if labels else [int(v) for v in np.unique(ref) if v != 0]
@@ -149,7 +149,7 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
 def write_csv(rows: Sequence[Mapping[str, Any]], path: Any) -> None:
     from .atomic import atomic_write
 
-    buffer = _io.StringIO()
+    buffer = io.StringIO()
     fields = ["value", "name", "dice", "hd95_mm", "ref_voxels", "pred_voxels"]
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()

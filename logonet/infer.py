@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io as _io
+import io
 import math
 import sys
 import time
@@ -32,14 +32,18 @@ FAST_OVERLAP = 0.25
 # ----------------------------------------------------------------------------------------------------------
 # sliding window
 # ----------------------------------------------------------------------------------------------------------
+def scan_interval(shape: Sequence[int], roi: Sequence[int], overlap: float) -> Tuple[int, ...]:
+    """The step between windows along each axis, as MONAI's ``sliding_window_inference`` computes it: the
+    window's size where it spans the axis, else ``int(roi * (1 - overlap))`` and at least 1."""
+    return tuple(int(r) if int(r) == int(s) else max(1, int(int(r) * (1.0 - overlap))) for s, r in zip(shape, roi))
+
+
 def count_windows(shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:
     """How many windows MONAI's sliding window visits for a spatial ``shape`` (after padding to ``roi``)."""
     from monai.data.utils import dense_patch_slices
-    from monai.inferers.utils import _get_scan_interval
 
     padded = [max(int(s), int(r)) for s, r in zip(shape, roi)]
-    interval = _get_scan_interval(padded, list(roi), len(roi), [overlap] * len(roi))
-    return len(dense_patch_slices(padded, list(roi), interval))
+    return len(dense_patch_slices(padded, list(roi), scan_interval(padded, roi, overlap)))
 
 
 def sliding_window_logits(model: torch.nn.Module, image: torch.Tensor, roi: Sequence[int], *,
@@ -97,22 +101,37 @@ def organ_volumes(labels: np.ndarray, spacing: Sequence[float], names: Dict[int,
             for v in sorted(names)]
 
 
-def parse_roi(text: Optional[str], size: Sequence[int]) -> Optional[Tuple[int, int, int, int, int, int]]:
-    """``"x0,y0,z0,x1,y1,z1"`` (voxel indices i,j,k, end exclusive) checked against the volume ``size``."""
+def parse_box(text: Optional[str], size: Sequence[int]) -> Optional[Tuple[int, int, int, int, int, int]]:
+    """``--box "x0,y0,z0,x1,y1,z1"`` (voxel indices i,j,k, end exclusive) checked against the volume ``size``."""
     if text is None:
         return None
     try:
-        roi = tuple(int(v) for v in str(text).replace(" ", "").split(","))
+        box = tuple(int(v) for v in str(text).replace(" ", "").split(","))
     except ValueError:
-        raise UserError(f"--roi {text!r}: expected six integers x0,y0,z0,x1,y1,z1 (voxel indices)") from None
-    if len(roi) != 6:
-        raise UserError(f"--roi {text!r}: expected six integers x0,y0,z0,x1,y1,z1, got {len(roi)}")
-    lo, hi = roi[:3], roi[3:]
+        raise UserError(f"--box {text!r}: expected six integers x0,y0,z0,x1,y1,z1 (voxel indices)") from None
+    if len(box) != 6:
+        raise UserError(f"--box {text!r}: expected six integers x0,y0,z0,x1,y1,z1, got {len(box)}")
+    lo, hi = box[:3], box[3:]
     for axis, (a, b, n) in enumerate(zip(lo, hi, size)):
         if not 0 <= a < b <= n:
-            raise UserError(f"--roi {text}: axis {'ijk'[axis]} range [{a}, {b}) is outside the volume (size "
+            raise UserError(f"--box {text}: axis {'ijk'[axis]} range [{a}, {b}) is outside the volume (size "
                             f"{tuple(size)}; indices run 0..{n}, start < end)")
-    return roi  # type: ignore[return-value]
+    return box  # type: ignore[return-value]
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old option name that still works for one release: it stores into the new option's ``dest`` and prints
+    a one-line notice naming the new option."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, new: str, **kwargs: Any) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        print(f"{parser.prog}: {option_string} is deprecated and will be removed in the next release; "
+              f"use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 #: Input voxel spacing outside this range (mm) is a broken header, not a CT: refused before resampling.
@@ -156,7 +175,7 @@ def check_plan(image: Any, name: str, spacing: Sequence[float], roi: Sequence[in
         shape = "x".join(str(n) for n in resampled_shape(image, spacing, roi))
         raise UserError(f"{name}: segmenting it needs about {need / 2 ** 30:.1f} GiB of memory (a {shape} grid at "
                         f"the model's {'x'.join(f'{s:g}' for s in spacing)} mm), but {have / 2 ** 30:.1f} GiB are "
-                        "available; segment a box with --roi x0,y0,z0,x1,y1,z1, or use a model with a coarser spacing")
+                        "available; segment a box with --box x0,y0,z0,x1,y1,z1, or use a model with a coarser spacing")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -235,11 +254,11 @@ class Predictor:
                                                      else "running the whole inference on the CPU"))
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def predict(self, image: Any, roi: Optional[Sequence[int]] = None, largest_component: bool = False,
+    def predict(self, image: Any, box: Optional[Sequence[int]] = None, largest_component: bool = False,
                 name: str = "the input") -> Tuple[Any, Dict[str, float]]:
         """SimpleITK volume -> (SimpleITK label image on exactly ``image``'s grid, per-stage seconds).
 
-        ``roi`` = (x0, y0, z0, x1, y1, z1) voxel indices (end exclusive): only that box is segmented, the rest
+        ``box`` = (x0, y0, z0, x1, y1, z1) voxel indices (end exclusive): only that box is segmented, the rest
         of the output is background.
         """
         import SimpleITK as sitk
@@ -249,8 +268,8 @@ class Predictor:
         timings: Dict[str, float] = {}
         t = time.perf_counter()
         source = image
-        if roi is not None:
-            x0, y0, z0, x1, y1, z1 = roi
+        if box is not None:
+            x0, y0, z0, x1, y1, z1 = box
             source = image[x0:x1, y0:y1, z0:z1]  # SimpleITK slicing keeps the physical geometry
         check_plan(source, name, self.cfg.spacing, self.cfg.roi_size,
                    len(self.card.label_values))
@@ -275,7 +294,7 @@ class Predictor:
         values = self.lookup[channels].astype(np.uint8 if self.lookup.max() < 256 else np.uint16)
         label_image = labels_to_input_grid(values, source, affine=np.asarray(x.affine))
         array = sitk.GetArrayFromImage(label_image)
-        if roi is not None:
+        if box is not None:
             full = np.zeros(tuple(reversed(image.GetSize())), dtype=array.dtype)
             full[z0:z1, y0:y1, x0:x1] = array
             array = full
@@ -299,25 +318,25 @@ class Predictor:
             self._warn(f"the lowest value is {stats.GetMinimum():g}: a CT in Hounsfield units has air near -1000; "
                        "is this an MR or a rescaled image? The result may be meaningless")
 
-    def segment_file(self, input_path: PathLike, output_path: PathLike, *, roi: Optional[str] = None,
+    def segment_file(self, input_path: PathLike, output_path: PathLike, *, box: Optional[str] = None,
                      largest_component: bool = False, series: Optional[str] = None) -> Dict[str, Any]:
         """Read, segment, write (atomically, with label names). Returns timings and organ volumes."""
         import SimpleITK as sitk
 
-        from .data import io
+        from .data import volumes
 
         t = time.perf_counter()
         self.reporter.emit("stage", stage="read", path=str(input_path))
-        image = io.read_image(input_path, series)
-        box = parse_roi(roi, image.GetSize())
+        image = volumes.read_image(input_path, series)
+        voxel_box = parse_box(box, image.GetSize())
         read_s = time.perf_counter() - t
-        labels, timings = self.predict(image, box, largest_component, name=str(input_path))
+        labels, timings = self.predict(image, voxel_box, largest_component, name=str(input_path))
         t = time.perf_counter()
         self.reporter.emit("stage", stage="write", path=str(output_path))
-        io.write_labelmap(labels, image, output_path, self.card.labels)
+        volumes.write_labelmap(labels, image, output_path, self.card.labels)
         timings = {"read": read_s, **timings, "write": time.perf_counter() - t}
-        volumes = organ_volumes(sitk.GetArrayViewFromImage(labels), image.GetSpacing(), self.label_names)
-        return {"input": str(input_path), "output": str(output_path), "timings": timings, "volumes": volumes}
+        organs = organ_volumes(sitk.GetArrayViewFromImage(labels), image.GetSpacing(), self.label_names)
+        return {"input": str(input_path), "output": str(output_path), "timings": timings, "volumes": organs}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -333,8 +352,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default 0.5)")
     parser.add_argument("--fast", action="store_true",
                         help=f"fewer windows: overlap {FAST_OVERLAP} unless --overlap is given")
-    parser.add_argument("--roi", default=None, metavar="x0,y0,z0,x1,y1,z1",
+    parser.add_argument("--box", default=None, metavar="x0,y0,z0,x1,y1,z1",
                         help="segment only this box (voxel indices of INPUT, end exclusive)")
+    parser.add_argument("--roi", dest="box", action=DeprecatedAlias, new="--box", help=argparse.SUPPRESS)
     parser.add_argument("--series", default=None, metavar="UID",
                         help="the DICOM series to segment when INPUT is a folder holding several")
     parser.add_argument("--largest-component", action="store_true", help="keep each organ's largest component")
@@ -346,17 +366,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def _batch_inputs(folder: Path) -> List[Path]:
     """Volumes and DICOM series folders directly inside ``folder``."""
-    from .data import io
+    from .data import volumes
 
-    items = [p for p in sorted(folder.iterdir()) if io.is_volume_file(p)]
-    items += [p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".") and io.dicom_series(p)]
+    items = [p for p in sorted(folder.iterdir()) if volumes.is_volume_file(p)]
+    items += [p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".") and volumes.dicom_series(p)]
     return items
 
 
 def _write_stats(rows: List[Dict[str, Any]], path: PathLike) -> None:
     from .atomic import atomic_write
 
-    buffer = _io.StringIO()
+    buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["case", "value", "name", "voxels", "volume_ml"], lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
@@ -371,12 +391,12 @@ def plan_jobs(input_path: Path, output_path: Path) -> List[Tuple[Path, Path]]:
     symbolic or hard link): a bad output path must not cost a model load and a whole inference.
     """
     from .atomic import check_name_encodable, check_output_file, check_output_folder
-    from .data import io
+    from .data import volumes
 
     check_name_encodable(input_path, "INPUT")
     if not input_path.exists():
         raise UserError(f"{input_path} does not exist; check the path")
-    if input_path.is_dir() and not io.dicom_series(input_path):
+    if input_path.is_dir() and not volumes.dicom_series(input_path):
         inputs = _batch_inputs(input_path)
         if not inputs:
             raise UserError(f"{input_path} holds no volumes (.nii.gz, .nrrd, .mha) and no DICOM series")
@@ -385,13 +405,13 @@ def plan_jobs(input_path: Path, output_path: Path) -> List[Tuple[Path, Path]]:
         check_output_folder(output_path, "OUTPUT")
         jobs = []
         for item in inputs:
-            stem = io.strip_volume_suffix(item) if item.is_file() else item.name
-            suffix = io.volume_suffix(item) if item.is_file() and io.volume_suffix(item) != ".mhd" else ".nii.gz"
+            stem = volumes.strip_volume_suffix(item) if item.is_file() else item.name
+            suffix = volumes.volume_suffix(item) if item.is_file() and volumes.volume_suffix(item) != ".mhd" else ".nii.gz"
             jobs.append((item, output_path / f"{stem}{suffix}"))
     else:
         jobs = [(input_path, output_path)]
     for source, target in jobs:
-        check_output_file(target, "OUTPUT", io.VOLUME_SUFFIXES, inputs=[source])
+        check_output_file(target, "OUTPUT", volumes.VOLUME_SUFFIXES, inputs=[source])
     return jobs
 
 
@@ -420,7 +440,7 @@ def run(args: argparse.Namespace) -> int:
         if len(jobs) > 1:
             reporter.emit("progress", step=index, total=len(jobs), stage="cases", case=str(src))
         try:
-            result = predictor.segment_file(src, dst, roi=args.roi, largest_component=args.largest_component,
+            result = predictor.segment_file(src, dst, box=args.box, largest_component=args.largest_component,
                                             series=args.series)
         except UserError as error:
             if len(jobs) == 1:

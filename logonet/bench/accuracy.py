@@ -5,7 +5,6 @@ the paper's local+global ablation (ULKANet = LoGoNet's global branch alone).
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -39,21 +38,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def finetune(data: Path, out: Path, spec: str, args: argparse.Namespace, epochs: int, seed: int,
              init: Optional[Path] = None, repeats: int = 1) -> Path:
-    """``logonet finetune`` in-process with the benchmark's budget; returns the last epoch's model card."""
+    """:func:`logonet.train.finetune.finetune` with the benchmark's budget; returns the last epoch's model card."""
     from ..nets import parse_spec
-    from ..train import finetune as ft
+    from ..train.finetune import FinetuneConfig, finetune as run_finetune
 
     name, preset = parse_spec(spec)
-    kwargs = {"img_size": [args.roi] * 3} if name in ("unetr", "segresnetvae") else {}
-    argv = [str(data), "--out", str(out), "--model", name, "--preset", preset or "S", "--epochs", str(epochs),
-            "--repeats", str(repeats), "--roi", str(args.roi), "--samples", str(args.samples), "--lr", str(args.lr),
-            "--warmup", "0", "--val-fraction", "0", "--val-every", str(epochs), "--seed", str(seed),
-            "--device", str(args.device), "--progress", "none", "--model-kwargs", json.dumps(kwargs)]
-    if init is not None:
-        argv += ["--init", str(init)]
-    parser = argparse.ArgumentParser()
-    ft.configure(parser)
-    if ft.run(parser.parse_args(argv)) != 0:
+    config = FinetuneConfig(data=[str(data)], out=str(out), model=name, preset=preset or "S", epochs=epochs,
+                            repeats=[repeats], roi=[args.roi], samples=args.samples, lr=args.lr, warmup=0,
+                            val_fraction=0.0, val_every=epochs, seed=seed, device=str(args.device), progress="none",
+                            init=str(init) if init is not None else None,
+                            command=f"{common.command_line(args, 'accuracy')} (fine-tuning {spec}, seed {seed})")
+    if run_finetune(config) != 0:
         raise RuntimeError(f"fine-tuning {spec} stopped early")
     return out / "last"
 
@@ -62,7 +57,7 @@ def held_out_dice(card: Path, test_data: Path, device: Any) -> Dict[str, float]:
     """Mean Dice per organ over the held-out phantoms (``{organ: dice, "mean": ...}``), via the Predictor."""
     import SimpleITK as sitk
 
-    from ..data import datasets, io
+    from ..data import datasets, volumes
     from ..evaluate import score
     from ..infer import Predictor
 
@@ -70,9 +65,9 @@ def held_out_dice(card: Path, test_data: Path, device: Any) -> Dict[str, float]:
     names = predictor.label_names
     per_organ: Dict[str, List[float]] = {names[v]: [] for v in sorted(names)}
     for case in datasets.discover(test_data).labeled():
-        image = io.read_image(case["image"])
+        image = volumes.read_image(case["image"])
         pred, _ = predictor.predict(image)
-        ref = sitk.GetArrayFromImage(io.read_image(case["label"]))
+        ref = sitk.GetArrayFromImage(volumes.read_image(case["label"]))
         for row in score(sitk.GetArrayFromImage(pred), ref, sorted(names), image.GetSpacing()[::-1], names,
                          hausdorff=False):
             per_organ[row["name"]].append(row["dice"])

@@ -6,14 +6,11 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
-import io as _io
-import json
+import io
 import math
 import os
 import platform
-import shlex
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
@@ -47,11 +44,11 @@ def setup(args: argparse.Namespace) -> Tuple[ProgressReporter, torch.device]:
     return reporter_for(args.progress), select_device(args.device)
 
 
-def command_line(sub: str) -> str:
-    """The command as typed (``logonet bench ...``); under the API, the sub-command with a marker."""
-    if len(sys.argv) > 2 and sys.argv[1] == "bench":
-        return "logonet " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    return f"logonet bench {sub} (API call)"
+def command_line(args: argparse.Namespace, sub: str) -> str:
+    """The command as typed (``logonet bench ...``, recorded by the CLI); under the API, the sub-command with a
+    marker."""
+    typed = getattr(args, "command_line", None)
+    return typed if typed else f"logonet bench {sub} (API call)"
 
 
 def describe_machine(device: torch.device) -> Dict[str, Any]:
@@ -234,7 +231,7 @@ def write_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], path: P
     """Rows as CSV (full float precision, empty for missing), written atomically."""
     from ..atomic import atomic_write
 
-    buffer = _io.StringIO()
+    buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for row in rows:
@@ -282,7 +279,7 @@ def write_report(out: Any, name: str, title: str, command: str, machine: Mapping
 def finish(args: argparse.Namespace, reporter: ProgressReporter, name: str, title: str, machine: Mapping[str, Any],
            sections: Sequence[Section], notes: Sequence[str] = ()) -> int:
     """Write the report (:func:`write_report`), emit ``done`` and show the markdown to a human; exit code 0."""
-    path = write_report(args.out, name, title, command_line(name), machine, sections, notes)
+    path = write_report(args.out, name, title, command_line(args, name), machine, sections, notes)
     reporter.emit("done", outputs=[str(path)])
     if reporter.mode != "jsonl":
         print(path.read_text())
@@ -309,6 +306,3 @@ def iterate_jobs(reporter: ProgressReporter, jobs: Sequence[Any], stage: str) ->
         yield index, job
     reporter.emit("progress", step=len(jobs), total=len(jobs), stage=stage)
 
-
-def dump_json(data: Any) -> str:
-    return json.dumps(data, sort_keys=True)

@@ -8,18 +8,18 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from . import common
 from .accuracy import TEST_SEED, add_budget_arguments, finetune, held_out_dice
 
 UNLABELED_SEED = 2000
-#: variant -> extra ``logonet pretrain`` arguments (None: no pre-training)
-VARIANTS: Dict[str, Optional[List[str]]] = {
+#: variant -> PretrainConfig fields that differ from the benchmark's pre-training (None: no pre-training)
+VARIANTS: Dict[str, Optional[Dict[str, Any]]] = {
     "scratch": None,
-    "ssl": [],
-    "ssl, masking off": ["--phi2", "0"],
-    "ssl, 1 clusterer": ["--clusterers", "1"],
+    "ssl": {},
+    "ssl, masking off": {"phi2": 0.0},
+    "ssl, 1 clusterer": {"clusterers": 1},
 }
 ABLATIONS = ("ssl, masking off", "ssl, 1 clusterer")
 
@@ -44,19 +44,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_budget_arguments(parser, epochs=20)
 
 
-def pretrain(data: Path, out: Path, spec: str, args: argparse.Namespace, epochs: int, extra: Sequence[str]) -> Path:
-    """``logonet pretrain`` in-process; returns its last model card."""
+def pretrain(data: Path, out: Path, spec: str, args: argparse.Namespace, epochs: int,
+             extra: Mapping[str, Any]) -> Path:
+    """:func:`logonet.ssl.pretrain.pretrain` with the benchmark's settings (``extra`` overrides them); returns
+    its last model card."""
     from ..nets import parse_spec
-    from ..ssl import pretrain as pt
+    from ..ssl.pretrain import PretrainConfig, pretrain as run_pretrain
 
     name, preset = parse_spec(spec)
-    argv = [str(data), "--out", str(out), "--model", name, "--preset", preset or "S", "--epochs", str(epochs),
-            "--roi", str(args.roi), "--samples", str(args.samples), "--lr", str(args.lr), "--warmup", "0",
-            "--clusterers", str(args.clusterers), "--k-min", str(args.k_min), "--k-max", str(args.k_max),
-            "--seed", "0", "--device", str(args.device), "--progress", "none", *extra]
-    parser = argparse.ArgumentParser()
-    pt.configure(parser)
-    if pt.run(parser.parse_args(argv)) != 0:
+    settings: Dict[str, Any] = dict(roi=[args.roi], samples=args.samples, lr=args.lr, warmup=0,
+                                    clusterers=args.clusterers, k_min=args.k_min, k_max=args.k_max, seed=0)
+    settings.update(extra)
+    config = PretrainConfig(data=str(data), out=str(out), model=name, preset=preset or "S", epochs=epochs,
+                            device=str(args.device), progress="none",
+                            command=f"{common.command_line(args, 'ssl')} (pre-training {spec})", **settings)
+    if run_pretrain(config) != 0:
         raise RuntimeError(f"pre-training {spec} stopped early")
     return out / "last"
 

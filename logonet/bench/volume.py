@@ -144,7 +144,7 @@ def plan(args: argparse.Namespace) -> List[Tuple[str, str, float]]:
 def run(args: argparse.Namespace) -> int:
     import SimpleITK as sitk
 
-    from ..data import io
+    from ..data import volumes
     from ..errors import UserError
 
     reporter, device = common.setup(args)
@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
                     sources[case] = Path(fetch_sample()["ct"])
                 elif case == "btcv":
                     sources[case] = work / "btcv_synthetic.nii.gz"
-                    io.write_image(synthetic_volume(shape, spacing), sources[case])
+                    volumes.write_image(synthetic_volume(shape, spacing), sources[case])
                 else:
                     sources[case] = Path(case)
             if model not in cards:

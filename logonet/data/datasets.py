@@ -26,7 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import UserError
-from . import io
+from . import volumes
 from .labels import parse_label_names
 
 LAYOUTS = ("msd", "nnunet", "pairs", "unlabeled")
@@ -70,7 +70,7 @@ class DatasetIndex:
 
 
 # ------------------------------------------------------------------------------------------ discovery
-def discover(folder: io.PathLike, layout: Optional[str] = None) -> DatasetIndex:
+def discover(folder: volumes.PathLike, layout: Optional[str] = None) -> DatasetIndex:
     """Find the cases of a dataset folder (layout auto-detected unless given). Reads only names and JSON."""
     root = Path(folder).expanduser()
     if not root.exists():
@@ -124,7 +124,7 @@ def _discover_msd(root: Path) -> DatasetIndex:
             continue
         image = _resolve(root, str(entry["image"]))
         label = _resolve(root, str(entry["label"])) if entry.get("label") else None
-        cases.append({"id": io.strip_volume_suffix(image), "image": str(image),
+        cases.append({"id": volumes.strip_volume_suffix(image), "image": str(image),
                       "label": str(label) if label is not None else None})
     tests = [str(_resolve(root, t if isinstance(t, str) else t.get("image", ""))) for t in meta.get("test", [])]
     return DatasetIndex(root, "msd", cases, names, tests, problems)
@@ -138,7 +138,7 @@ def _volumes_in(folder: Path) -> List[Path]:
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
             continue  # hidden files, including macOS "._x.nii.gz" resource forks shipped with MSD
-        if io.is_volume_file(entry) and not entry.name.endswith(io.SIDECAR_SUFFIX):
+        if volumes.is_volume_file(entry) and not entry.name.endswith(volumes.SIDECAR_SUFFIX):
             found.append(entry)
         elif entry.is_dir() and _has_dicom(entry):
             found.append(entry)
@@ -150,7 +150,7 @@ def _has_dicom(folder: Path, probe: int = 20) -> bool:
     checked = 0
     for entry in sorted(folder.iterdir()):
         if entry.is_file() and not entry.name.startswith("."):
-            if entry.suffix.lower() == ".dcm" or io.is_dicom_file(entry):
+            if entry.suffix.lower() == ".dcm" or volumes.is_dicom_file(entry):
                 return True
             checked += 1
             if checked >= probe:
@@ -171,17 +171,17 @@ def _discover_nnunet(root: Path) -> DatasetIndex:
     ending = str(meta.get("file_ending", "")) or None
 
     def case_id(path: Path) -> Optional[str]:
-        stem = io.strip_volume_suffix(path)
+        stem = volumes.strip_volume_suffix(path)
         return stem[:-5] if stem.endswith("_0000") else None
 
     cases: List[Dict[str, Optional[str]]] = []
     labels_dir = root / "labelsTr"
-    label_files = {io.strip_volume_suffix(p): p for p in _volumes_in(labels_dir)}
+    label_files = {volumes.strip_volume_suffix(p): p for p in _volumes_in(labels_dir)}
     used = set()
     for image in _volumes_in(root / "imagesTr"):
         cid = case_id(image)
         if cid is None:
-            if io.strip_volume_suffix(image)[-5:-4] == "_" and io.strip_volume_suffix(image)[-4:].isdigit():
+            if volumes.strip_volume_suffix(image)[-5:-4] == "_" and volumes.strip_volume_suffix(image)[-4:].isdigit():
                 continue  # another channel (_0001...): only _0000 is used
             problems.append(f"imagesTr/{image.name} does not follow nnU-Net naming <case>_0000{ending or '.nii.gz'}")
             continue
@@ -198,7 +198,7 @@ def _discover_nnunet(root: Path) -> DatasetIndex:
 
 
 def _match_key(path: Path, suffixes: Iterable[str]) -> str:
-    stem = io.strip_volume_suffix(path)
+    stem = volumes.strip_volume_suffix(path)
     for suffix in suffixes:
         if stem.endswith(suffix) and len(stem) > len(suffix):
             return stem[: -len(suffix)]
@@ -227,7 +227,7 @@ def _discover_pairs(root: Path) -> DatasetIndex:
         for case in cases:
             if case["label"] and Path(case["label"]).is_file():
                 try:
-                    names = {k: v for k, v in io.read_label_names(case["label"]).items() if k != 0}
+                    names = {k: v for k, v in volumes.read_label_names(case["label"]).items() if k != 0}
                 except UserError:
                     names = {}
                 break
@@ -239,7 +239,7 @@ def _discover_unlabeled(root: Path) -> DatasetIndex:
 
     def case_id(path: Path) -> str:
         rel = path.relative_to(root)
-        parts = rel.parts[:-1] + (io.strip_volume_suffix(path),) if rel.parts else (root.name,)
+        parts = rel.parts[:-1] + (volumes.strip_volume_suffix(path),) if rel.parts else (root.name,)
         return "__".join(parts)
 
     for dirpath, dirnames, filenames in os.walk(root):
@@ -249,7 +249,7 @@ def _discover_unlabeled(root: Path) -> DatasetIndex:
         if _has_dicom(here):  # a DICOM series folder is one image
             cases.append({"id": case_id(here), "image": str(here), "label": None})
         for name in sorted(filenames):
-            if name.startswith(".") or not io.volume_suffix(name) or name.lower().endswith(".seg.nrrd"):
+            if name.startswith(".") or not volumes.volume_suffix(name) or name.lower().endswith(".seg.nrrd"):
                 continue
             cases.append({"id": case_id(here / name), "image": str(here / name), "label": None})
     return DatasetIndex(root, "unlabeled", cases, {}, [], [])
@@ -297,7 +297,7 @@ def _case_problems(index: DatasetIndex, case: Mapping[str, Any], require_labels:
         problems.append(f"case {case['id']}: image {_rel(index, image_path)} does not exist")
     else:
         try:
-            image = io.read_image(image_path)
+            image = volumes.read_image(image_path)
         except UserError as error:
             problems.append(f"case {case['id']}: unreadable image: {error}")
     if not require_labels:
@@ -307,12 +307,12 @@ def _case_problems(index: DatasetIndex, case: Mapping[str, Any], require_labels:
         problems.append(f"case {case['id']}: image {_rel(index, image_path)} has no label{where}")
         return problems
     try:
-        label = io.read_image(label_path)
+        label = volumes.read_image(label_path)
     except UserError as error:
         problems.append(f"case {case['id']}: unreadable label: {error}")
         return problems
     if image is not None:
-        diffs = io.geometry_differences(image, label, tol)
+        diffs = volumes.geometry_differences(image, label, tol)
         if diffs:
             problems.append(f"case {case['id']}: geometry mismatch between image and label "
                             f"{_rel(index, label_path)}: " + "; ".join(diffs) +

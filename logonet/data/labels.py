@@ -94,14 +94,6 @@ TOTALSEG_TO_BTCV: Dict[int, int] = {
 }
 
 
-def label_by_value(value: int) -> Label:
-    """The BTCV label with this value (KeyError if there is none)."""
-    for label in BTCV_LABELS:
-        if label.value == int(value):
-            return label
-    raise KeyError(f"no BTCV label with value {value}")
-
-
 def btcv_label_dicts(values: Optional[Sequence[int]] = None) -> List[Dict[str, object]]:
     """``model.json`` ``labels`` entries for the given BTCV values (default: all 13, in value order)."""
     wanted = set(BTCV_NAMES) if values is None else {int(v) for v in values}

@@ -27,7 +27,7 @@ from scipy import ndimage
 
 from ..atomic import write_json_atomic
 from ..errors import UserError
-from . import io
+from . import volumes
 from .labels import BTCV_NAMES
 
 #: BTCV values drawn in every phantom (all 13 organs).
@@ -279,7 +279,7 @@ def phantom_image(array: np.ndarray, spacing: Sequence[float] = DEFAULT_SPACING)
     return image
 
 
-def write_phantom_dataset(out: io.PathLike, cases: int, size: int = 96, seed: int = 0, unlabeled: bool = False,
+def write_phantom_dataset(out: volumes.PathLike, cases: int, size: int = 96, seed: int = 0, unlabeled: bool = False,
                           spacing: Sequence[float] = DEFAULT_SPACING, progress: Any = None) -> Path:
     """Write ``cases`` phantoms to ``out`` in MSD layout (``imagesTr/``, ``labelsTr/``, ``dataset.json``)."""
     out = Path(out)
@@ -302,10 +302,10 @@ def write_phantom_dataset(out: io.PathLike, cases: int, size: int = 96, seed: in
         name = f"phantom_{i:03d}"
         hu, labels = make_phantom(size, seed, i)
         image = phantom_image(hu, spacing)
-        io.write_image(image, out / "imagesTr" / f"{name}.nii.gz")
+        volumes.write_image(image, out / "imagesTr" / f"{name}.nii.gz")
         entry = {"image": f"./imagesTr/{name}.nii.gz"}
         if not unlabeled:
-            io.write_labelmap(labels, image, out / "labelsTr" / f"{name}.nii.gz", BTCV_NAMES)
+            volumes.write_labelmap(labels, image, out / "labelsTr" / f"{name}.nii.gz", BTCV_NAMES)
             entry["label"] = f"./labelsTr/{name}.nii.gz"
         training.append(entry)
     meta = {

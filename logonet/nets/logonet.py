@@ -28,7 +28,7 @@ def stitch_cubes(x: torch.Tensor, splits: Tuple[int, int, int]) -> torch.Tensor:
 
 
 class LoGoNet(nn.Module):
-    """Local + global network (paper §3; paper-facts §1).
+    """Local + global network (paper section 3).
 
     The global branch is a full ULKANet (all encoder stages) on the crop. The local branch cuts the crop into
     ``prod(local_splits)`` (= 8) cubes; each has its OWN 2-stage ULKANet. The eight local networks are packed

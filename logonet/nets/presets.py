@@ -1,6 +1,6 @@
 """Size presets for ULKANet/LoGoNet, as small config tables (timm style).
 
-``S`` and ``L`` are the paper's (Table 10; paper-facts §1). ``T`` is ours: small enough to train on a CPU in
+``S`` and ``L`` are the paper's (Table 10 of Karimi Monsefi et al., KDD 2024). ``T`` is ours: small enough to train on a CPU in
 minutes (tests, the bundled demo model). Each tuple has one entry per encoder stage; dims double per stage,
 as the decoder's channel plan requires.
 """

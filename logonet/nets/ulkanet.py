@@ -1,4 +1,4 @@
-"""ULKANet: an encoder of large-kernel-attention stages and a convolutional decoder (paper-facts §1, Appendix A).
+"""ULKANet: an encoder of large-kernel-attention stages and a convolutional decoder (paper section 3, appendix A).
 
 ``ULKANet`` is the standalone network (its own 1^3 classifier). ``ULKASubNet`` is the variant LoGoNet uses for its
 global and local branches: a different head, no classifier, and ``groups`` networks packed in one module.

@@ -2,7 +2,7 @@
 
 - :mod:`logonet.train.engine`: the generic loop (device, AMP, AdamW + warmup/cosine, checkpoints, resume,
   signals, seeds, metrics CSV/plot, progress events, torchrun/DDP).
-- :mod:`logonet.train.init`: initialise a network from another model card (``--init``).
+- :mod:`logonet.train.warmstart`: initialise a network from another model card (``--init``).
 - :mod:`logonet.train.finetune`: the supervised fine-tuning command.
 """
 from __future__ import annotations

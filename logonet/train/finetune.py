@@ -1,33 +1,44 @@
-"""``logonet finetune``: supervised fine-tuning on a labelled dataset folder (paper-facts §3).
+"""``logonet finetune``: supervised fine-tuning on a labelled dataset folder (paper section 3).
 
 DiceCE loss (1:1), AdamW + warmup + cosine, the paper's augmentations (from :mod:`logonet.data.transforms`),
 label-balanced random crops, sliding-window validation with per-class Dice, best and last model cards
-(``OUT/best``, ``OUT/last``), resume, metrics CSV + plot, AMP on CUDA and torchrun/DDP through
-:mod:`logonet.train.engine`.
+(``OUT/best``, ``OUT/last``), resume, metrics CSV + plot, AMP on CUDA and torchrun/DDP. The API is
+:func:`finetune` with a :class:`FinetuneConfig`; everything it shares with ``pretrain`` is in
+:mod:`logonet.train.session`.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import random
-import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .. import modelcard
 from ..errors import UserError
-from ..events import ProgressReporter, reporter_for
-from .. import runtime
-from . import checkpoints, distributed, options
-from . import engine as eng
-from . import loader as loading
+from ..events import ProgressReporter
+from .session import TrainingConfig, TrainingSession, add_training_arguments, config_from_args
 
-DEFAULT_ROI = 96
+
+@dataclasses.dataclass
+class FinetuneConfig(TrainingConfig):
+    """``logonet finetune`` as a value: the shared :class:`~logonet.train.session.TrainingConfig` plus the
+    options below (same names and defaults as the command line)."""
+
+    data: Sequence[str] = ()
+    init: Optional[str] = None
+    crop_by: str = "foreground"
+    repeats: Sequence[int] = (1,)
+    grad_clip: float = 12.0
+    val_data: Optional[str] = None
+    val_fraction: float = 0.2
+    val_every: int = 1
+    overlap: float = 0.5
+    augment: str = "nnunet"
+    fp16_weights: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -37,21 +48,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", metavar="DATA", nargs="+",
                         help="dataset folder(s) (MSD dataset.json, nnU-Net imagesTr/labelsTr, or images/ + labels/); "
                              "several folders are mixed, e.g. real scans and 'logonet synth' cases")
-    parser.add_argument("--out", required=True, help="output folder: best/ and last/ model cards, checkpoint, metrics")
-    parser.add_argument("--model", default="logonet", help="network name (see logonet.nets.available_models)")
-    parser.add_argument("--preset", default="S", help="size preset for logonet/ulkanet: T (tiny), S (paper), L")
-    parser.add_argument("--model-kwargs", default=None, metavar="JSON",
-                        help='extra constructor arguments as JSON, e.g. \'{"channels": [16, 32, 64, 128]}\'')
+    add_training_arguments(parser, samples=4, cache="memory", window="-175 250")
     parser.add_argument("--init", default=None, metavar="CARD",
                         help="initialise from a model card (SSL pre-training or an earlier fine-tune)")
-    parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--spacing", type=float, nargs="+", default=None, metavar="MM",
-                        help="target spacing in mm (1 or 3 numbers; default 1.5 1.5 2.0)")
-    parser.add_argument("--window", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
-                        help="HU window mapped to [0, 1] (default -175 250)")
-    parser.add_argument("--roi", type=int, nargs="+", default=[DEFAULT_ROI],
-                        help="crop / sliding-window size (1 or 3 numbers, multiples of 32)")
-    parser.add_argument("--samples", type=int, default=4, help="random crops per volume per step")
     parser.add_argument("--crop-by", default="foreground", choices=["foreground", "classes"],
                         help="where crops are centred: foreground (half on labelled voxels, half anywhere in the "
                              "body) or classes (each class equally often, so small organs are seen as often as "
@@ -59,12 +58,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, nargs="+", default=[1],
                         help="passes over the training cases per epoch: one number, or one per DATA folder (weights "
                              "a few real scans against many synthetic ones)")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--weight-decay", type=float, default=1e-5)
     parser.add_argument("--grad-clip", type=float, default=12.0,
                         help="clip the gradient's global norm to this (nnU-Net's 12; 0: no clipping)")
-    parser.add_argument("--warmup", type=int, default=None, help="warmup epochs (default: 10%% of --epochs)")
-    parser.add_argument("--batch", type=int, default=1, help="volumes per step (each gives --samples crops)")
     parser.add_argument("--val-data", metavar="DIR", default=None,
                         help="validate (and pick the best epoch) on this labelled folder instead of a split of DATA, "
                              "e.g. synthetic cases of another seed")
@@ -76,16 +71,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="training augmentation: nnunet (default: rotation, scaling, noise, blur, brightness, "
                              "gamma, low resolution; no mirroring), paper (flips, rot90, intensity jitter), none")
     parser.add_argument("--no-augment", action="store_true", help="same as --augment none")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
-    parser.add_argument("--workers", type=int, default=0, help="data loader worker processes")
-    parser.add_argument("--cache", default="memory", choices=["memory", "disk", "none"],
-                        help="cache the deterministic preprocessing (disk: OUT/cache)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--name", default=None, help="model name written into model.json")
     parser.add_argument("--fp16-weights", action="store_true", help="store the model cards' weights in fp16")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    parser.add_argument("--progress", default=None, choices=["jsonl", "tqdm", "none"])
+
+
+def run(args: argparse.Namespace) -> int:
+    """``logonet finetune``: the parsed arguments as a :class:`FinetuneConfig`."""
+    return finetune(config_from_args(FinetuneConfig, args, augment="none" if args.no_augment else args.augment))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -144,7 +135,7 @@ def split_cases(cases: List[Dict[str, Any]], val_fraction: float, seed: int) -> 
 
 def label_entries(names: Mapping[int, str], values: Sequence[int]) -> List[Dict[str, Any]]:
     """``model.json`` label entries: BTCV colors/terminology where value and name match BTCV, else a color."""
-    from ..data.io import normalize_label_spec
+    from ..data.volumes import normalize_label_spec
     from ..data.labels import BTCV_LABELS
 
     btcv = {label.value: label for label in BTCV_LABELS}
@@ -205,132 +196,117 @@ def make_validator(val_items: Sequence[Mapping[str, Any]], roi: Sequence[int], n
 # ----------------------------------------------------------------------------------------------------------
 # the command
 # ----------------------------------------------------------------------------------------------------------
-def run(args: argparse.Namespace) -> int:
-    from monai.data import list_data_collate
-    from monai.losses import DiceCELoss
+@dataclasses.dataclass
+class Cases:
+    """The cases of a fine-tuning run: training and validation, label names, passes per epoch per case."""
 
-    from ..data.transforms import PreprocessConfig
-    from ..nets import build_model
+    train: List[Dict[str, Any]]
+    val: List[Dict[str, Any]]
+    names: Dict[int, str]
+    repeats: List[int]
+    val_source: str  # "held_out", or "training_scan" when validation reuses the training cases
 
-    reporter = reporter_for(args.progress)
-    out = Path(args.out)
-    if args.epochs < 1:
-        raise UserError(f"--epochs must be at least 1, got {args.epochs}")
-    if args.grad_clip < 0:
-        raise UserError(f"--grad-clip must be >= 0 (0: off), got {args.grad_clip}")
-    roi = options.roi_argument(args.roi, DEFAULT_ROI)
-    from ..atomic import prepare_run_folder  # --out usable, stale temps of a killed run gone
-    prepare_run_folder(out, "--out")
-    checkpoints.check_output_folder(out, args.resume, "training run")
+    @property
+    def values(self) -> List[int]:
+        return sorted(v for v in self.names if v != 0)
 
-    try:
-        model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
-    except ValueError as error:
-        raise UserError(f"--model-kwargs is not valid JSON: {error}") from error
-    if not isinstance(model_kwargs, dict):
-        raise UserError("--model-kwargs must be a JSON object such as '{\"channels\": [16, 32]}'")
-    cases, names, weights = discover_folders(args.data, args.repeats)
-    if args.val_data:
-        val_cases, val_names = discover_cases(args.val_data)
-        train_cases = cases
-        names = {**val_names, **names}
+
+def gather_cases(config: FinetuneConfig) -> Cases:
+    """Discover and check DATA (and ``val_data``), split off validation, and name every label value."""
+    cases, names, weights = discover_folders(list(config.data), list(config.repeats))
+    if config.val_data:
+        val_cases, val_names = discover_cases(config.val_data)
+        train_cases, names = cases, {**val_names, **names}
         val_source = "held_out"
     else:
-        train_cases, val_cases = split_cases(cases, args.val_fraction, args.seed)
+        train_cases, val_cases = split_cases(cases, config.val_fraction, config.seed)
         val_source = "training_scan" if val_cases == train_cases else "held_out"
     weight_of = {str(c["id"]): w for c, w in zip(cases, weights)}
-    values = sorted(v for v in names if v != 0)
-    if not values:
-        raise UserError(f"{args.data}: no label names found; add a dataset.json with a \"labels\" map")
-    n_classes = len(values) + 1
-    entries = label_entries(names, values)
+    found = Cases(train_cases, val_cases, names, [weight_of[str(c["id"])] for c in train_cases], val_source)
+    if not found.values:
+        raise UserError(f"{list(config.data)}: no label names found; add a dataset.json with a \"labels\" map")
+    return found
 
-    defaults = PreprocessConfig()
-    cfg = PreprocessConfig(
-        spacing=options.triple_argument(args.spacing, "spacing", defaults.spacing),
-        intensity_window=tuple(args.window) if args.window else defaults.intensity_window,
-        roi_size=roi, num_samples=args.samples, crop_by=args.crop_by, cache_dir=None,
-        augment="none" if args.no_augment else args.augment)
 
-    dist = distributed.setup_distributed(args.device)
-    try:
-        if not dist.is_main:
-            reporter = ProgressReporter("none")
-        runtime.seed_everything(args.seed + dist.rank)
-        reporter.emit("stage", stage="data", train_cases=len(train_cases), val_cases=len(val_cases),
-                      classes=n_classes)
-        train_tf, val_tf = build_transforms(cfg, values)
-        cached = loading.training_dataset(train_cases, train_tf, args.cache, out / "cache", args.workers)
-        train_ds = loading.RepeatDataset(cached, [weight_of[str(c["id"])] for c in train_cases])
-        loader = loading.make_loader(train_ds, batch_size=args.batch, shuffle=True, dist=dist, seed=args.seed,
-                                 num_workers=args.workers, collate_fn=list_data_collate)
-        val_items: List[Dict[str, Any]] = []
-        if dist.is_main:
-            val_items = [val_tf(dict(c)) for c in val_cases]  # small: kept in memory, reused every validation
-        # Presets only mean something for the ULKA family; baselines record none.
-        preset = args.preset if args.model.lower() in ("logonet", "ulkanet") else None
-        architecture = {"name": args.model, "preset": preset, "in_channels": 1, "out_channels": n_classes,
-                        "kwargs": model_kwargs}
-        try:
-            model = build_model(args.model, in_channels=1, out_channels=n_classes, preset=preset, **model_kwargs)
-        except (TypeError, ValueError) as error:
-            raise UserError(str(error)) from error
-        if args.init and not args.resume:
-            from .init import init_from_card
+def dice_ce_step():
+    """The engine's ``step_fn``: DiceCE (1:1) of the network's logits against the label crops."""
+    from monai.losses import DiceCELoss
 
-            report = init_from_card(model, args.init)
-            reporter.emit("stage", stage="init", message=report.summary(), loaded=report.loaded, total=report.total)
-            print(f"[logonet] {report.summary()}", file=sys.stderr)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=1.0, lambda_ce=1.0)
 
-        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=1.0, lambda_ce=1.0)
+    def step(net: torch.nn.Module, batch: Mapping[str, Any], device: torch.device) -> torch.Tensor:
+        image = torch.as_tensor(batch["image"]).to(device, non_blocking=True)
+        label = torch.as_tensor(batch["label"]).to(device, non_blocking=True)
+        return loss_fn(net(image).float(), label)
 
-        def step(net: torch.nn.Module, batch: Mapping[str, Any], device: torch.device) -> torch.Tensor:
-            image = torch.as_tensor(batch["image"]).to(device, non_blocking=True)
-            label = torch.as_tensor(batch["label"]).to(device, non_blocking=True)
-            return loss_fn(net(image).float(), label)
+    return step
 
-        warmup = args.warmup if args.warmup is not None else max(0, int(round(0.1 * args.epochs)))
-        config = eng.TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
-                                 grad_clip=args.grad_clip or None,
-                                 warmup_epochs=warmup, amp=args.amp, seed=args.seed, val_every=args.val_every)
-        validator = make_validator(val_items, roi, n_classes, [e["name"] for e in entries], args.overlap,
-                                   runtime.resolve_amp(args.amp, dist.device), reporter)
-        preprocessing = cfg.to_dict()
-        for key in ("cache_dir",):
-            preprocessing.pop(key, None)
-        command = "logonet finetune " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
-            if len(sys.argv) > 1 and sys.argv[1] == "finetune" else "logonet finetune (API)"
-        started = time.time()
 
-        def save(kind: str, net: torch.nn.Module, epochs_done: int, metrics: Mapping[str, float]) -> None:
-            per_class = {e["name"]: metrics.get(f"dice_{e['name'].replace(' ', '_')}") for e in entries}
-            modelcard.save(
-                out / kind, net, name=args.name or out.name, architecture=architecture, labels=entries,
-                preprocessing=preprocessing,
-                description=f"{args.model} {preset or ''} fine-tuned with logonet finetune ({kind} epoch)".replace("  ", " "),
-                training={"command": command, "data": [str(Path(d).resolve()) for d in args.data],
-                          "val_data": str(Path(args.val_data).resolve()) if args.val_data else None,
-                          "train_cases": [str(c["id"]) for c in train_cases],
-                          "val_cases": [str(c["id"]) for c in val_cases],
-                          "epochs": epochs_done, "epochs_planned": args.epochs, "lr": args.lr,
-                          "init": args.init, "seed": args.seed, "world_size": dist.world_size,
-                          "wall_time_s": round(time.time() - started, 1)},
-                metrics={"val_dice": per_class, "val_mean_dice": metrics.get("dice"), "val_source": val_source,
-                         "loss": metrics.get("loss")},
-                dtype=torch.float16 if args.fp16_weights else None)
+def finetune(config: FinetuneConfig) -> int:
+    """Fine-tune ``config.model`` on ``config.data`` into ``config.out``: 0 when done, 130 when stopped by a
+    signal or the STOP file (``resume=True`` continues). User mistakes raise :class:`~logonet.errors.UserError`."""
+    if config.grad_clip < 0:
+        raise UserError(f"--grad-clip must be >= 0 (0: off), got {config.grad_clip}")
+    session = TrainingSession(config, what="training run", function="logonet.train.finetune.finetune")
+    cases = gather_cases(config)
+    n_classes = len(cases.values) + 1
+    entries = label_entries(cases.names, cases.values)
+    cfg = session.preprocessing("btcv", crop_by=config.crop_by, augment=config.augment)
+    architecture = session.architecture(n_classes)
+    with session.running() as run:
+        run.reporter.emit("stage", stage="data", train_cases=len(cases.train), val_cases=len(cases.val),
+                          classes=n_classes)
+        train_tf, val_tf = build_transforms(cfg, cases.values)
+        loader = run.loader(cases.train, train_tf, cases.repeats)
+        # Small: kept in memory, reused at every validation (rank 0 validates).
+        val_items = [val_tf(dict(c)) for c in cases.val] if run.context.is_main else []
+        model = run.build(architecture)
+        if config.init and not config.resume:
+            _initialise(model, config.init, run.reporter)
+        validator = make_validator(val_items, run.roi, n_classes, [e["name"] for e in entries], config.overlap,
+                                   run.amp_dtype, run.reporter)
+        save = run.card_saver(_card_writer(config, run, architecture, entries, cfg, cases.val_source),
+                              _training_summary(config, cases, cfg))
+        result = run.fit(model, loader, step=dice_ce_step(), save=save, validate=validator,
+                         random_transforms=train_tf, grad_clip=config.grad_clip or None, val_every=config.val_every)
+        code = run.finish(result, "best_dice")
+        if code == 0:
+            best = result.best_value if result.best_value is not None else float("nan")
+            run.tell(f"best mean Dice {best:.4f} at epoch {result.best_epoch}; model card: {run.out / 'best'}")
+        return code
 
-        trainer = eng.Engine(model, config, out, step_fn=step, train_loader=loader, validate_fn=validator,
-                             save_fn=save, reporter=reporter, dist=dist, random_transforms=train_tf)
-        result = trainer.fit(resume=args.resume)
-        if result.interrupted:
-            return 130
-        reporter.emit("done", outputs={"best": str(out / "best"), "last": str(out / "last"),
-                                       "metrics": str(out / eng.METRICS_CSV)},
-                      best_dice=result.best_value, best_epoch=result.best_epoch,
-                      time_s=round(time.time() - started, 1))
-        if reporter.mode != "jsonl" and dist.is_main:
-            print(f"best mean Dice {result.best_value if result.best_value is not None else float('nan'):.4f} at "
-                  f"epoch {result.best_epoch}; model card: {out / 'best'}")
-        return 0
-    finally:
-        distributed.cleanup_distributed(dist)
+
+def _initialise(model: torch.nn.Module, card: str, reporter: ProgressReporter) -> None:
+    """``--init``: copy the matching tensors of another model card and say how many."""
+    from .warmstart import init_from_card
+
+    report = init_from_card(model, card)
+    reporter.emit("stage", stage="init", message=report.summary(), loaded=report.loaded, total=report.total)
+    print(f"[logonet] {report.summary()}", file=sys.stderr)
+
+
+def _training_summary(config: FinetuneConfig, cases: Cases, cfg: Any) -> Dict[str, Any]:
+    """The card's ``training`` block, as far as it is known before the first epoch."""
+    return {"data": [str(Path(d).resolve()) for d in config.data],
+            "val_data": str(Path(config.val_data).resolve()) if config.val_data else None,
+            "train_cases": [str(c["id"]) for c in cases.train], "val_cases": [str(c["id"]) for c in cases.val],
+            "epochs_planned": config.epochs, "lr": config.lr, "init": config.init, "seed": config.seed,
+            "augmentation": cfg.augmentation_dict()}
+
+
+def _card_writer(config: FinetuneConfig, run: TrainingSession, architecture: Mapping[str, Any],
+                 entries: List[Dict[str, Any]], cfg: Any, val_source: str):
+    """The task's part of each model card: weights, labels, preprocessing, description and Dice metrics."""
+    preset = architecture["preset"]
+    description = f"{config.model} {preset or ''} fine-tuned with logonet finetune".replace("  ", " ")
+
+    def card(kind: str, net: torch.nn.Module, epochs_done: int, metrics: Mapping[str, float]) -> Dict[str, Any]:
+        per_class = {e["name"]: metrics.get(f"dice_{e['name'].replace(' ', '_')}") for e in entries}
+        return {"model": net, "name": config.name or run.out.name, "architecture": architecture, "labels": entries,
+                "preprocessing": cfg.card_dict(), "description": f"{description} ({kind} epoch)",
+                "metrics": {"val_dice": per_class, "val_mean_dice": metrics.get("dice"), "val_source": val_source,
+                            "loss": metrics.get("loss")},
+                "dtype": torch.float16 if config.fp16_weights else None}
+
+    return card
+

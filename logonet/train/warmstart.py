@@ -1,7 +1,7 @@
 """Initialise a network from another model card (``logonet finetune --init``): SSL or a previous fine-tune.
 
 Every tensor whose name and shape match is copied; the pre-training head (keys ``pretrain_head.*``) is never
-copied (paper-facts §2: dropped at fine-tuning). Mismatched tensors (e.g. a classifier with a different
+copied (the paper drops it at fine-tuning, section 2 on pre-training). Mismatched tensors (e.g. a classifier with a different
 number of organs) keep their fresh initialisation.
 """
 from __future__ import annotations
