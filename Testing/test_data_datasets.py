@@ -170,3 +170,37 @@ def test_nnunet_naming_and_orphan_labels_are_reported(tmp_path: Path):
     assert "imagesTr/case1.nii.gz does not follow nnU-Net naming <case>_0000.nii.gz" in text
     assert "label labelsTr/case2.nii.gz has no image" in text
     assert "the folder is empty" in text
+
+
+def test_write_dataset_json_new_msd_folder_is_read_back_by_discover(tmp_path):
+    """The one dataset.json writer: a new MSD file with background added, the cases listed and counted, the extra
+    keys last; discover() finds the same cases and names."""
+    image = volume()
+    for case in ("a", "b"):
+        write(image, tmp_path / "imagesTr" / f"{case}.nii.gz")
+        write(labelmap(image, (0, 1, 6)), tmp_path / "labelsTr" / f"{case}.nii.gz")
+    entries = [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in ("a", "b")]
+    path = datasets.write_dataset_json(tmp_path, {6: "liver", 1: "spleen"}, entries, name="t", description="d",
+                                       extra={"logonet": {"generator": "test"}})
+    meta = json.loads(path.read_text())
+    assert list(meta) == ["name", "description", "tensorImageSize", "modality", "labels", "numTraining", "numTest",
+                          "training", "test", "logonet"]
+    assert meta["labels"] == {"0": "background", "1": "spleen", "6": "liver"} and meta["numTraining"] == 2
+    index = datasets.discover(tmp_path)
+    assert index.layout == "msd" and [c["id"] for c in index.labeled()] == ["a", "b"]
+    assert index.label_names == {1: "spleen", 6: "liver"}
+
+
+def test_write_dataset_json_updates_an_existing_file_in_its_own_label_form(tmp_path):
+    """An existing nnU-Net dataset.json keeps its keys and its {name: value} label form; without a training list
+    the cases are counted in labelsTr."""
+    image = volume()
+    write(image, tmp_path / "imagesTr" / "a_0000.nii.gz")
+    write(labelmap(image, (0, 2)), tmp_path / "labelsTr" / "a.nii.gz")
+    existing = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "kidney": 2}, "file_ending": ".nii.gz",
+                "numTraining": 0}
+    path = datasets.write_dataset_json(tmp_path, {2: "kidney", 3: "tumour"}, existing=existing)
+    meta = json.loads(path.read_text())
+    assert meta["labels"] == {"background": 0, "kidney": 2, "tumour": 3}
+    assert meta["numTraining"] == 1 and meta["file_ending"] == ".nii.gz" and meta["name"] == tmp_path.name
+    assert "training" not in meta

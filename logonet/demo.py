@@ -23,7 +23,7 @@ def prepare_dataset(out: Any, sample: Optional[Mapping[str, str]] = None) -> Pat
     """The demo model's training set: the sample CT and its BTCV label map (organs present only), MSD layout."""
     import SimpleITK as sitk
 
-    from .atomic import write_json_atomic
+    from .data.datasets import write_dataset_json
     from .data import volumes
     from .data.labels import BTCV_NAMES
     from .data.sample import fetch_sample
@@ -36,13 +36,10 @@ def prepare_dataset(out: Any, sample: Optional[Mapping[str, str]] = None) -> Pat
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(sample["ct"], out / "imagesTr" / "example_ct.nii.gz")
     shutil.copyfile(sample["ct_labels"], out / "labelsTr" / "example_ct.nii.gz")
-    write_json_atomic({
-        "name": "logonet-demo", "description": "TotalSegmentator example_ct (3 mm) with BTCV-schema labels",
-        "tensorImageSize": "3D", "modality": {"0": "CT"},
-        "labels": {"0": "background", **{str(v): BTCV_NAMES[v] for v in present}},
-        "numTraining": 1, "numTest": 0,
-        "training": [{"image": "./imagesTr/example_ct.nii.gz", "label": "./labelsTr/example_ct.nii.gz"}],
-        "test": []}, out / "dataset.json")
+    write_dataset_json(out, {v: BTCV_NAMES[v] for v in present},
+                       [{"image": "./imagesTr/example_ct.nii.gz", "label": "./labelsTr/example_ct.nii.gz"}],
+                       name="logonet-demo",
+                       description="TotalSegmentator example_ct (3 mm) with BTCV-schema labels")
     return out
 
 

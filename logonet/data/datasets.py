@@ -336,3 +336,51 @@ def _label_value_problems(case_id: str, name: str, label: sitk.Image, allowed: s
         return [f"case {case_id}: label {name} has unexpected values {unexpected} (the dataset declares "
                 f"0 and {declared})"]
     return []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# writing
+# ----------------------------------------------------------------------------------------------------------
+def write_dataset_json(folder: Any, labels: Mapping[int, str], training: Optional[List[Mapping[str, str]]] = None, *,
+                       name: Optional[str] = None, description: Optional[str] = None,
+                       extra: Optional[Mapping[str, Any]] = None,
+                       existing: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write ``folder/dataset.json`` atomically; the one writer of that file (phantom, synth, demo, Slicer's
+    "Add to training set").
+
+    ``labels`` maps foreground values to names (background is added). ``training`` lists MSD entries
+    (``{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}``); None counts ``labelsTr`` instead (an
+    nnU-Net folder). A new file has MSD's keys (name, description, tensorImageSize, modality, labels, numTraining,
+    numTest, training, test); ``existing`` (the folder's current dataset.json) is updated instead, keeping its
+    other keys and its label form (MSD ``{"1": "liver"}`` or nnU-Net ``{"liver": 1}``). ``extra`` keys (e.g.
+    ``{"logonet": {...}}``) are set last. Torch-free, like the rest of this module's readers.
+    """
+    from ..atomic import write_json_atomic
+
+    folder = Path(folder)
+    values = sorted((int(v), str(n)) for v, n in labels.items() if int(v) != 0)
+    if existing is None:
+        meta: Dict[str, Any] = {"name": name or folder.name, "description": description or "",
+                                "tensorImageSize": "3D", "modality": {"0": "CT"}}
+        nnunet_form = False
+    else:
+        meta = dict(existing)
+        meta.setdefault("name", name or folder.name)
+        meta.setdefault("description", description or "")
+        nnunet_form = not all(str(key).isdigit() for key in meta.get("labels") or {"0": ""})
+    if nnunet_form:
+        meta["labels"] = {"background": 0, **{n: v for v, n in values}}
+    else:
+        meta["labels"] = {"0": "background", **{str(v): n for v, n in values}}
+    if training is not None:
+        meta["numTraining"] = len(training)
+        if existing is None:
+            meta["numTest"] = 0
+        meta["training"] = [dict(entry) for entry in training]
+        meta.setdefault("test", [])
+    else:
+        label_dir = folder / "labelsTr"
+        meta["numTraining"] = len([p for p in label_dir.iterdir() if volumes.is_volume_file(p)]) \
+            if label_dir.is_dir() else 0
+    meta.update(extra or {})
+    return write_json_atomic(meta, folder / "dataset.json")

@@ -25,7 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from ..atomic import write_json_atomic
+from .datasets import write_dataset_json
 from ..errors import UserError
 from . import volumes
 from .labels import BTCV_NAMES
@@ -308,20 +308,10 @@ def write_phantom_dataset(out: volumes.PathLike, cases: int, size: int = 96, see
             volumes.write_labelmap(labels, image, out / "labelsTr" / f"{name}.nii.gz", BTCV_NAMES)
             entry["label"] = f"./labelsTr/{name}.nii.gz"
         training.append(entry)
-    meta = {
-        "name": "LoGoNetPhantom",
-        "description": "Synthetic abdominal CT phantoms (logonet phantom); BTCV label values",
-        "tensorImageSize": "3D",
-        "modality": {"0": "CT"},
-        "labels": {"0": "background", **{str(v): BTCV_NAMES[v] for v in PHANTOM_LABELS}},
-        "numTraining": cases,
-        "numTest": 0,
-        "training": training,
-        "test": [],
-        "logonet": {"generator": "logonet phantom", "seed": seed, "size": size, "spacing": list(spacing),
-                    "unlabeled": unlabeled},
-    }
-    write_json_atomic(meta, out / "dataset.json")
+    write_dataset_json(out, {v: BTCV_NAMES[v] for v in PHANTOM_LABELS}, training, name="LoGoNetPhantom",
+                       description="Synthetic abdominal CT phantoms (logonet phantom); BTCV label values",
+                       extra={"logonet": {"generator": "logonet phantom", "seed": seed, "size": size,
+                                          "spacing": list(spacing), "unlabeled": unlabeled}})
     return out
 
 

@@ -19,7 +19,6 @@ from label maps. Case ``i`` of seed ``s`` is the same whatever ``--cases`` is.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from ..atomic import write_json_atomic
+from .datasets import write_dataset_json
 from ..errors import UserError
 from . import volumes
 from .labels import BTCV_NAMES, totalseg_to_btcv
@@ -288,16 +287,11 @@ def write_synth_dataset(source: volumes.PathLike, out: volumes.PathLike, cases: 
         training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
         described.append({"case": name, "source": sources[k]["id"], **info})
     present = sorted({int(v) for k in loaded for v in np.unique(totalseg_to_btcv(loaded[k][2])) if v})
-    meta = {
-        "name": "LoGoNetSynth",
-        "description": "Synthetic CTs from real TotalSegmentator label maps (logonet synth); BTCV label values",
-        "tensorImageSize": "3D", "modality": {"0": "CT"},
-        "labels": {"0": "background", **{str(v): BTCV_NAMES[v] for v in present}},
-        "numTraining": cases, "numTest": 0, "training": training, "test": [],
-        "logonet": {"generator": "logonet synth", "seed": seed, "sources": [s["id"] for s in sources],
-                    "cases": described},
-    }
-    write_json_atomic(meta, out / "dataset.json")
+    write_dataset_json(out, {v: BTCV_NAMES[v] for v in present}, training, name="LoGoNetSynth",
+                       description="Synthetic CTs from real TotalSegmentator label maps (logonet synth); BTCV label "
+                                   "values",
+                       extra={"logonet": {"generator": "logonet synth", "seed": seed,
+                                          "sources": [s["id"] for s in sources], "cases": described}})
     return out
 
 
