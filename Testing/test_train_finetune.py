@@ -132,7 +132,7 @@ def test_finetune_mixes_folders_with_their_repeats_and_validates_on_val_data(two
     assert training["train_cases"] == [f"{two_organ_data.name}/{c}" for c in ("phantom_000", "phantom_001")] + \
         [f"{other.name}/phantom_000"]
     assert training["val_cases"] == ["phantom_000"] and training["val_data"] == str(other.resolve())
-    assert card.meta["metrics"]["val_source"] == "held_out"
+    assert card.meta["metrics"]["val_source"] == "synthetic"  # --val-data is a logonet phantom folder
     assert card.meta["training"]["augmentation"]["augment"] == "nnunet"
     # --repeats must give one number, or one per folder.
     assert cli.main(["finetune", str(two_organ_data), str(other), "--repeats", "1", "2", "3",
@@ -149,6 +149,30 @@ def test_finetune_bad_arguments(make_phantom_dataset, tmp_path, capsys):
     assert cli.main(["finetune", str(data), "--out", str(tmp_path / "c"), "--grad-clip", "-1", *COMMON]) == 2
     assert "--grad-clip must be >= 0" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_val_source_says_whether_validation_is_synthetic_held_out_or_the_training_cases(make_phantom_dataset,
+                                                                                        tmp_path):
+    """The card's metrics.val_source: "synthetic" for a --val-data folder written by logonet synth/phantom,
+    "held_out" for another folder or a split, "training_scan" when validation reuses the training cases."""
+    import shutil
+
+    from logonet.train.finetune import FinetuneConfig, gather_cases
+
+    data = make_phantom_dataset(cases=2, size=32, seed=0)
+    real = tmp_path / "real"
+    shutil.copytree(data, real)
+    meta = json.loads((real / "dataset.json").read_text())
+    del meta["logonet"]  # no generator: as if it were real CT
+    (real / "dataset.json").write_text(json.dumps(meta))
+
+    def source(**options):
+        return gather_cases(FinetuneConfig(data=[str(data)], out=str(tmp_path / "o"), **options)).val_source
+
+    assert source(val_data=str(data)) == "synthetic"
+    assert source(val_data=str(real)) == "held_out"
+    assert source(val_fraction=0.5) == "held_out"
+    assert source(val_fraction=0.0) == "training_scan"
 
 
 def test_split_cases_is_seeded_and_disjoint():

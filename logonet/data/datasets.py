@@ -109,6 +109,19 @@ def _read_dataset_json(root: Path) -> Dict[str, Any]:
     return data
 
 
+#: ``dataset.json`` "logonet.generator" values of the project's synthetic data (``logonet synth``, ``logonet phantom``).
+SYNTHETIC_GENERATORS = ("logonet synth", "logonet phantom")
+
+
+def is_synthetic(folder: volumes.PathLike) -> bool:
+    """True when ``folder``'s dataset.json says one of the project's generators wrote it (not real CT)."""
+    root = Path(folder)
+    if not (root / "dataset.json").is_file():
+        return False
+    info = _read_dataset_json(root).get("logonet")
+    return isinstance(info, dict) and info.get("generator") in SYNTHETIC_GENERATORS
+
+
 def _resolve(root: Path, rel: str) -> Path:
     return (root / rel).resolve() if not os.path.isabs(rel) else Path(rel)
 

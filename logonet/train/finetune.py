@@ -204,7 +204,9 @@ class Cases:
     val: List[Dict[str, Any]]
     names: Dict[int, str]
     repeats: List[int]
-    val_source: str  # "held_out", or "training_scan" when validation reuses the training cases
+    #: "held_out"; "synthetic" when --val-data was written by logonet synth/phantom; "training_scan" when validation
+    #: reuses the training cases
+    val_source: str
 
     @property
     def values(self) -> List[int]:
@@ -215,9 +217,11 @@ def gather_cases(config: FinetuneConfig) -> Cases:
     """Discover and check DATA (and ``val_data``), split off validation, and name every label value."""
     cases, names, weights = discover_folders(list(config.data), list(config.repeats))
     if config.val_data:
+        from ..data.datasets import is_synthetic
+
         val_cases, val_names = discover_cases(config.val_data)
         train_cases, names = cases, {**val_names, **names}
-        val_source = "held_out"
+        val_source = "synthetic" if is_synthetic(config.val_data) else "held_out"
     else:
         train_cases, val_cases = split_cases(cases, config.val_fraction, config.seed)
         val_source = "training_scan" if val_cases == train_cases else "held_out"
