@@ -1,6 +1,7 @@
-"""Data: reading/writing volumes (``io``), the BTCV label schema (``labels``), dataset folders (``datasets``),
-MONAI transform pipelines (``transforms``), the sample CT (``sample``) and synthetic phantoms (``phantom``).
+"""Data: reading/writing volumes (``volumes``), the BTCV label schema (``labels``), dataset folders and the one
+``dataset.json`` writer (``datasets``), MONAI transform pipelines (``transforms``), the sample CT (``sample``),
+synthetic phantoms (``phantom``) and synthetic CTs from real label maps (``synth``).
 
-Submodules are imported explicitly (``from logonet.data import io``) so that ``import logonet.data`` stays cheap.
+Submodules are imported explicitly (``from logonet.data import volumes``) so that ``import logonet.data`` stays cheap.
 """
 from __future__ import annotations
