@@ -35,3 +35,37 @@ def test_every_command_has_its_own_help(name: str, capsys) -> None:
         cli.main([name, "--help"])
     assert exit_info.value.code == 0
     assert f"usage: logonet {name}" in capsys.readouterr().out
+
+
+def _fake_command(monkeypatch, error: BaseException) -> None:
+    """A command ``boom`` whose run raises ``error``."""
+    import types
+
+    module = types.ModuleType("logonet_test_boom")
+    module.configure = lambda parser: parser.add_argument("--flag", default=None)
+    module.run = lambda args: (_ for _ in ()).throw(error)
+    monkeypatch.setitem(sys.modules, "logonet_test_boom", module)
+    monkeypatch.setitem(cli.COMMANDS, "boom", ("logonet_test_boom", "raises"))
+
+
+def test_a_user_error_is_one_line_and_exit_code_2(monkeypatch, capsys) -> None:
+    from logonet.errors import UserError
+
+    _fake_command(monkeypatch, UserError("the file is\n  not a volume"))
+    assert cli.main(["boom"]) == 2
+    assert capsys.readouterr().err == "logonet boom: error: the file is not a volume\n"
+
+
+def test_a_bug_keeps_its_traceback_and_is_logged(monkeypatch, tmp_path, capsys) -> None:
+    """Any other exception is not turned into a message: it propagates (Python prints the traceback, exit 1)
+    and the traceback is also written to <cache>/logs with the command line."""
+    monkeypatch.setenv("LOGONET_CACHE", str(tmp_path))
+    _fake_command(monkeypatch, ValueError("a bug, not a user mistake"))
+    with pytest.raises(ValueError, match="a bug"):
+        cli.main(["boom", "--flag", "two words"])
+    logs = list((tmp_path / "logs").glob("crash-*.log"))
+    assert len(logs) == 1
+    text = logs[0].read_text()
+    assert text.startswith("logonet boom --flag 'two words'\n")
+    assert "Traceback (most recent call last)" in text and "ValueError: a bug, not a user mistake" in text
+    assert str(logs[0]) in capsys.readouterr().err
