@@ -40,7 +40,58 @@ def test_speed_tiny(tmp_path, capsys):
     assert len(parts) == 3 and sum(float(p["share"]) for p in parts) == pytest.approx(1.0, abs=1e-3)
     text = (out / "speed.md").read_text()
     assert "| logonet:S |" in text and "Machine:" in text and "logonet bench speed" in text
-    assert json.loads((out / "speed_machine.json").read_text())["torch_threads"] == 1
+    machine = json.loads((out / "speed_machine.json").read_text())
+    assert machine["torch_threads"] == 1
+    assert len(machine["load_average_start"]) == 3 and len(machine["load_average_end"]) == 3
+    ops = common.read_csv(out / "speed_ops.csv")  # LoGoNet-S's operators, by default
+    assert ops[0]["threads"] == "1" and ops[0]["load"] == "idle" and ops[0]["model"] == "logonet:S"
+    assert sum(float(r["share"]) for r in ops) == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_speed_thread_list_and_busy_core_in_fresh_processes(tmp_path, capsys):
+    """``--threads 1,2 --busy-core``: four measurements (1 and 2 threads, idle and with one CPU-burning process),
+    each in its own process with that many threads; the scaling table's times are the measurements' own and its
+    ratios are computed from them; the operator profile is there for every measurement."""
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "speed", "--out", str(out), "--size", "32", "--models", "logonet:T", "--threads", "1,2",
+                     "--busy-core", "--runs", "1", "--warmup", "0", "--no-variants", "--op-profile", "logonet:T",
+                     "--top-ops", "5", "--progress", "none"]) == 0
+    rows = {(r["load"], int(r["threads"])): r for r in common.read_csv(out / "speed_threads.csv")}
+    assert sorted(rows) == [("busy", 1), ("busy", 2), ("idle", 1), ("idle", 2)]
+    for (load, threads), row in rows.items():
+        child = out / "speed_runs" / f"threads{threads}_{load}_round1"
+        (measured,) = common.read_csv(child / "speed.csv")
+        assert measured["model"] == "logonet:T" and float(measured["forward_s"]) > 0
+        assert float(row["forward_s"]) == pytest.approx(float(measured["forward_s"]), rel=1e-5)
+        assert json.loads((child / "speed_machine.json").read_text())["torch_threads"] == threads
+    for load in ("idle", "busy"):
+        one, two = float(rows[(load, 1)]["forward_s"]), float(rows[(load, 2)]["forward_s"])
+        assert float(rows[(load, 1)]["ratio_vs_base"]) == pytest.approx(1.0)
+        assert float(rows[(load, 2)]["ratio_vs_base"]) == pytest.approx(two / one, rel=1e-4)
+    for threads in (1, 2):
+        assert float(rows[("busy", threads)]["busy_vs_idle"]) == pytest.approx(
+            float(rows[("busy", threads)]["forward_s"]) / float(rows[("idle", threads)]["forward_s"]), rel=1e-4)
+    ops = common.read_csv(out / "speed_ops.csv")
+    assert {(r["load"], r["threads"]) for r in ops} == {("idle", "1"), ("idle", "2"), ("busy", "1"), ("busy", "2")}
+    for key in {(r["load"], r["threads"]) for r in ops}:
+        group = [r for r in ops if (r["load"], r["threads"]) == key]
+        assert len(group) == 6 and group[-1]["operator"].startswith("(all others")  # top 5 + the rest
+        assert [float(r["self_ms"]) for r in group[:5]] == sorted((float(r["self_ms"]) for r in group[:5]), reverse=True)
+        assert sum(float(r["share"]) for r in group) == pytest.approx(1.0, abs=1e-3)
+        assert any("conv" in r["operator"] for r in group)
+    machine = json.loads((out / "speed_machine.json").read_text())
+    assert machine["torch_threads"] == "1,2" and machine["busy_core"] is True
+    assert len(machine["load_average_start"]) == 3 and len(machine["load_average_end"]) == 3
+    text = (out / "speed.md").read_text()
+    assert "Thread scaling" in text and "operators by self CPU time" in text
+    assert "| logonet:T | busy | 2 |" in text
+
+
+def test_speed_refuses_bad_thread_lists(tmp_path, capsys):
+    for bad in ("0", "1,x", "2,2"):
+        assert cli.main(["bench", "speed", "--out", str(tmp_path), "--threads", bad]) == 2
+        assert "--threads" in capsys.readouterr().err
 
 
 def test_speed_refuses_bad_size(tmp_path, capsys):

@@ -25,10 +25,15 @@ Column = Tuple[str, str, str]
 MIB = 1024.0 * 1024.0
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser, thread_list: bool = False) -> None:
+    """``thread_list``: ``--threads`` may be a comma-separated list (kept as text; the benchmark parses it)."""
     parser.add_argument("--out", default="docs/bench", help="folder for <name>.md, <name>*.csv and <name>_machine.json")
     parser.add_argument("--quick", action="store_true", help="the few-minute variant (2 CPU cores)")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    if thread_list:
+        parser.add_argument("--threads", default="2", metavar="N[,N...]",
+                            help="torch threads (default 2); a list such as 1,2 measures each count in a fresh process")
+    else:
+        parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--progress", default=None, choices=["jsonl", "tqdm", "none"])
 
@@ -73,6 +78,7 @@ def describe_machine(device: torch.device) -> Dict[str, Any]:
         "cpu": cpu, "cpu_cores_usable": usable, "torch_threads": torch.get_num_threads(),
         "ram_gib": round(psutil.virtual_memory().total / 1024 ** 3, 1),
         "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "load_average_start": load_average(),
         "os": platform.platform(terse=True), "python": platform.python_version(),
         "torch": torch.__version__, "monai": monai.__version__, "device": str(device),
     }
@@ -82,11 +88,18 @@ def describe_machine(device: torch.device) -> Dict[str, Any]:
     return info
 
 
+def load_average() -> Optional[List[float]]:
+    """The 1, 5 and 15 minute load averages (None where the OS has none)."""
+    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
 def machine_line(info: Mapping[str, Any]) -> str:
     gpu = f"; GPU {info['gpu']} ({info['gpu_memory_gib']} GiB)" if "gpu" in info else ""
+    end = info.get("load_average_end")
+    end_load = f", {end[0]} at end" if end else ""
     return (f"{info['date_utc']} UTC; {info['cpu']}, {info['cpu_cores_usable']} usable cores, torch threads "
             f"{info['torch_threads']}, {info['ram_gib']} GiB RAM, load average {info['load_average_1min']} at start"
-            f"{gpu}; device {info['device']}; {info['os']}, Python {info['python']}, torch {info['torch']}, "
+            f"{end_load}{gpu}; device {info['device']}; {info['os']}, Python {info['python']}, torch {info['torch']}, "
             f"MONAI {info['monai']}")
 
 
@@ -278,7 +291,10 @@ def write_report(out: Any, name: str, title: str, command: str, machine: Mapping
 
 def finish(args: argparse.Namespace, reporter: ProgressReporter, name: str, title: str, machine: Mapping[str, Any],
            sections: Sequence[Section], notes: Sequence[str] = ()) -> int:
-    """Write the report (:func:`write_report`), emit ``done`` and show the markdown to a human; exit code 0."""
+    """Write the report (:func:`write_report`), emit ``done`` and show the markdown to a human; exit code 0.
+
+    The machine description gets the load average at the end (1, 5, 15 min) next to the one at the start."""
+    machine = {**machine, "load_average_end": load_average()}
     path = write_report(args.out, name, title, command_line(args, name), machine, sections, notes)
     reporter.emit("done", outputs=[str(path)])
     if reporter.mode != "jsonl":
