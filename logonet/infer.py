@@ -1,6 +1,6 @@
 """``logonet segment`` and :class:`Predictor`: a model card + a CT volume -> an organ label map on the CT's grid.
 
-Pipeline (DESIGN.md "How data flows"): read (NIfTI/NRRD/MHA/DICOM) -> RAS + the card's spacing + HU window
+Pipeline (docs/architecture.md): read (NIfTI/NRRD/MHA/DICOM) -> RAS + the card's spacing + HU window
 (:func:`logonet.data.transforms.preprocess_for_inference`) -> MONAI sliding-window inference with Gaussian
 blending (AMP on CUDA) -> argmax -> card label values -> nearest-neighbour back onto the input's exact grid
 -> optional largest connected component per organ -> written with the input's geometry and label names.

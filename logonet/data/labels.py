@@ -76,7 +76,7 @@ BTCV_VALUES: Dict[str, int] = {label.key: label.value for label in BTCV_LABELS}
 #: value -> 0-255 RGB
 BTCV_COLORS: Dict[int, Tuple[int, int, int]] = {label.value: label.color for label in BTCV_LABELS}
 
-#: TotalSegmentator (v2, task "total") id -> BTCV value (DESIGN.md "Data that can be had offline").
+#: TotalSegmentator (v2, task "total") id -> BTCV value (docs/architecture.md, "Data, models and measurements").
 TOTALSEG_TO_BTCV: Dict[int, int] = {
     1: 1,  # spleen
     2: 2,  # kidney_right
