@@ -6,9 +6,10 @@ Three sources, merged:
    ``$LOGONET_HOME``,
 3. any model card folder dropped into ``<home>/models/`` (the manual / offline install path).
 
-A model is a model-card folder (``model.json`` + ``weights.safetensors``, docs/interfaces.md). Here it is only
-read as JSON, never with torch: the full validation happens in the worker (``logonet.modelcard.load``) and a
-broken card is listed with its problem instead of crashing the module.
+A model is a model-card folder (``model.json`` + ``weights.safetensors``, docs/interfaces.md), or a training
+output folder (its ``best/`` card, else ``last/``). It is read with the core's torch-free
+:mod:`logonet.cardschema`, the same rules as the command line, never with torch; a broken card is listed with
+its problem instead of crashing the module.
 
 A catalog entry may also name a ``url`` (https) and the ``sha256`` of a zipped model card instead of a ``path``:
 it is downloaded on first use (with progress), verified, unpacked without path traversal into
@@ -23,15 +24,17 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Union
 
-from .core import resources_dir
+from logonet import cardschema
+from logonet.atomic import write_json_atomic
 
-META = "model.json"
-WEIGHTS = "weights.safetensors"
+from .core import resources_dir
+from .errors import LoGoNetError, from_core
+
+META = cardschema.META
 CATALOG_FORMAT = "logonet-model-catalog"
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -43,41 +46,18 @@ def logonet_home() -> Path:
 
 
 def card_folder(path: PathLike) -> Path:
-    """A model card folder, or a training output folder resolved to its ``best`` (else ``last``) card."""
-    path = Path(path).expanduser()
-    if (path / META).is_file():
-        return path
-    for sub in ("best", "last", "model"):
-        if (path / sub / META).is_file():
-            return path / sub
-    return path
+    """The card a model folder stands for (:func:`logonet.cardschema.card_folder`: a training output folder gives
+    its ``best/`` card, else ``last/``)."""
+    return cardschema.card_folder(path)
 
 
 def read_card(path: PathLike) -> Dict:
-    """Read ``model.json`` of a card folder; a clear :class:`ValueError` for anything that is not a usable card."""
-    folder = card_folder(path)
-    if not folder.is_dir():
-        raise ValueError(f"model folder {folder} does not exist")
-    meta_path = folder / META
-    if not meta_path.is_file():
-        raise ValueError(f"{folder} is not a LoGoNet model: expected a folder with {META} and {WEIGHTS} "
-                         "(a LoGoNetTrain output folder also works)")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError, OSError) as error:
-        raise ValueError(f"{meta_path} is not valid JSON: {error}") from error
-    if not isinstance(meta, dict) or meta.get("format") != "logonet-model":
-        raise ValueError(f'{meta_path} is not a LoGoNet model card ("format" must be "logonet-model")')
-    labels = meta.get("labels")
-    if not isinstance(labels, list) or not labels:
-        raise ValueError(f"{meta_path} has no labels: this model cannot segment (is it a pre-trained backbone? "
-                         "fine-tune it first)")
-    for entry in labels:
-        if not (isinstance(entry, dict) and isinstance(entry.get("value"), int) and entry["value"] >= 1
-                and isinstance(entry.get("name"), str)):
-            raise ValueError(f'{meta_path}: every label needs an integer "value" >= 1 and a "name"; got {entry!r}')
-    if not (folder / WEIGHTS).is_file():
-        raise ValueError(f"the model {folder} has no {WEIGHTS}")
+    """The validated ``model.json`` of a model that can segment, read with the command line's rules; a
+    :class:`LoGoNetError` with the reason for anything the worker would refuse."""
+    with from_core():
+        folder = cardschema.card_folder(path)
+        meta = cardschema.read_meta(folder)
+        cardschema.require_labels(meta, folder)
     return meta
 
 
@@ -208,7 +188,7 @@ class ModelCatalog:
         try:
             entry.meta = read_card(path)
             entry.description = description or str(entry.meta.get("description") or "")
-        except ValueError as error:
+        except LoGoNetError as error:
             entry.error = str(error)
         entry.title = title_from_card(title, entry.meta)
         return entry
@@ -256,7 +236,7 @@ class ModelCatalog:
             fresh = self._entry(entry.id, entry.title, folder, entry.source, entry.description)
             fresh.url, fresh.sha256 = entry.url, entry.sha256
         if fresh.error:
-            raise ValueError(fresh.error)
+            raise LoGoNetError(fresh.error)
         return fresh
 
     def _registry(self) -> List[Dict]:
@@ -281,21 +261,21 @@ class ModelCatalog:
         return [e for e in unique if include_unusable or e.usable]
 
     def find(self, spec: Union[str, PathLike]) -> ModelEntry:
-        """A catalog id, or a model folder path; :class:`ValueError` when unknown or broken."""
+        """A catalog id, or a model folder path; :class:`LoGoNetError` when unknown or broken."""
         text = str(spec)
         for entry in self.models():
             if entry.id == text:
                 if entry.error:
-                    raise ValueError(entry.error)
+                    raise LoGoNetError(entry.error)
                 return entry
         path = Path(text).expanduser()
         if path.exists():
             entry = self._entry(_slug(path.name), path.name, path, "folder")
             if entry.error:
-                raise ValueError(entry.error)
+                raise LoGoNetError(entry.error)
             return entry
         known = ", ".join(e.id for e in self.models()) or "none"
-        raise ValueError(f"model {text!r} not found: choose a model from the list ({known}) or a model folder")
+        raise LoGoNetError(f"model {text!r} not found: choose a model from the list ({known}) or a model folder")
 
     # ------------------------------------------------------------------------------------------------ writing
     def register(self, path: PathLike, title: Optional[str] = None, model_id: Optional[str] = None) -> ModelEntry:
@@ -312,12 +292,5 @@ class ModelCatalog:
         self._write_registry(items)
         return self.find(model_id)
 
-    def unregister(self, model_id: str) -> None:
-        self._write_registry([item for item in self._registry() if item.get("id") != model_id])
-
     def _write_registry(self, items: List[Dict]) -> None:
-        self.home.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".models.", suffix=".json", dir=str(self.home))
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump({"format": CATALOG_FORMAT, "version": 1, "models": items}, handle, indent=2)
-        os.replace(tmp, self.registry_file)
+        write_json_atomic({"format": CATALOG_FORMAT, "version": 1, "models": items}, self.registry_file)

@@ -1,8 +1,14 @@
 """Where the bundled ``logonet`` core is, and how to launch it in a separate process.
 
-Installed extension: ``<qt-scripted-modules>/logonet`` next to ``LoGoNetSegment.py`` (the LoGoNetSegment
-CMakeLists bundles it there). Developer mode / a source checkout: ``<repo>/logonet`` next to the
-``LoGoNetSegment`` folder. Only the light ``logonet.events`` module is ever imported into Slicer's process.
+LoGoNetLib and the ``logonet`` package are siblings in both layouts, so whoever can import one can import the
+other and nothing edits ``sys.path``:
+
+- installed extension: ``<qt-scripted-modules>/LoGoNetLib`` and ``<qt-scripted-modules>/logonet`` (that folder is
+  on Slicer's Python path; the CMake lists install both there);
+- a source checkout: ``<repo>/LoGoNetLib`` and ``<repo>/logonet`` (``<repo>`` on the Python path, docs/slicer.md).
+
+Only torch-free core modules (``logonet.events``, ``logonet.cardschema``, ``logonet.atomic``, dataset
+discovery and label names) are imported into Slicer's process; the work runs in ``PythonSlicer -m logonet``.
 """
 from __future__ import annotations
 
@@ -12,36 +18,25 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-_HERE = Path(__file__).resolve().parent
+from .errors import LoGoNetError
+
+#: The folder that holds LoGoNetLib, the ``logonet`` package and the extension-level ``Resources``.
+ROOT = Path(__file__).resolve().parent.parent
+
+#: The GUI's device choices and what the worker's ``--device`` gets for each.
+DEVICES = {"auto": "auto", "gpu": "cuda", "cuda": "cuda", "cpu": "cpu"}
 
 
 def core_root() -> Path:
-    """The folder that contains the ``logonet`` package (raises a clear error when the extension is broken)."""
-    for candidate in (_HERE.parent, _HERE.parent.parent):
-        if (candidate / "logonet" / "__init__.py").is_file():
-            return candidate
-    raise RuntimeError(f"the bundled logonet package was not found next to {_HERE.parent}; "
-                       "reinstall the LoGoNet extension")
+    """The folder that contains the ``logonet`` package (a clear error when the extension is broken)."""
+    if not (ROOT / "logonet" / "__init__.py").is_file():
+        raise LoGoNetError(f"the bundled logonet package was not found in {ROOT}; reinstall the LoGoNet extension")
+    return ROOT
 
 
 def resources_dir() -> Path:
     """The extension-level ``Resources`` folder (model catalog, bundled demo model)."""
     return core_root() / "Resources"
-
-
-def ensure_core_importable() -> None:
-    """Put the bundled ``logonet`` on ``sys.path`` (developer mode) so ``logonet.events`` can be imported."""
-    root = str(core_root())
-    if root not in sys.path:
-        sys.path.insert(0, root)
-
-
-def parse_event_line(line: str) -> Optional[Dict]:
-    """:func:`logonet.events.parse_event_line`, the one parser of the progress protocol."""
-    ensure_core_importable()
-    from logonet.events import parse_event_line as parse
-
-    return parse(line)
 
 
 def python_executable() -> str:
@@ -74,3 +69,12 @@ def subprocess_env(force_cpu: bool = False, base: Optional[Dict[str, str]] = Non
     if force_cpu:
         env["CUDA_VISIBLE_DEVICES"] = "-1"
     return env
+
+
+def fake_worker() -> Path:
+    """The GPU-free stand-in for ``python -m logonet`` that the modules' self-tests run (``Testing/``)."""
+    return Path(__file__).resolve().parent / "Testing" / "fake_logonet.py"
+
+
+__all__ = ["ROOT", "DEVICES", "core_root", "resources_dir", "python_executable", "logonet_command",
+           "subprocess_env", "fake_worker"]

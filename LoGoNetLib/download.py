@@ -2,7 +2,7 @@
 
 How TotalSegmentator and MONAIAuto3DSeg deliver their models. Every step works in a private folder next to the
 cache (same file system), and only a verified, complete card is moved into place with one rename; a wrong
-checksum, a truncated download or an archive with unsafe names raises :class:`DownloadError` and leaves
+checksum, a truncated download or an archive with unsafe names raises :class:`LoGoNetError` and leaves
 nothing behind. Only ``https`` URLs are fetched (``http`` only from this machine, for tests and local mirrors).
 Pure Python (urllib, zipfile): runs inside Slicer without extra packages.
 """
@@ -20,7 +20,10 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Callable, Optional
 
-META = "model.json"
+from logonet.cardschema import META
+
+from .errors import LoGoNetError
+
 CHUNK = 1 << 20
 #: Refuse archives that would unpack to more than this (a "zip bomb"); LoGoNet-L in fp32 is ~0.3 GB.
 MAX_UNPACKED_BYTES = 8 << 30
@@ -29,17 +32,13 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 Progress = Callable[[int, Optional[int]], None]
 
 
-class DownloadError(RuntimeError):
-    """A model download that failed; the message says why, and nothing was left in the cache."""
-
-
 def check_url(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme == "https" and parts.hostname:
         return url
     if parts.scheme == "http" and parts.hostname in LOOPBACK:
         return url
-    raise DownloadError(f"refusing to download {url!r}: only https URLs are allowed")
+    raise LoGoNetError(f"refusing to download {url!r}: only https URLs are allowed")
 
 
 def download(url: str, dest: Path, sha256: str, progress: Optional[Progress] = None, timeout: float = 60.0) -> Path:
@@ -58,7 +57,7 @@ def download(url: str, dest: Path, sha256: str, progress: Optional[Progress] = N
                     chunk = response.read(CHUNK)
                 except http.client.IncompleteRead as error:
                     received += len(error.partial)
-                    raise DownloadError(f"the download of {url} was cut off after {received} of {total} bytes; "
+                    raise LoGoNetError(f"the download of {url} was cut off after {received} of {total} bytes; "
                                         "try again") from error
                 if not chunk:
                     break
@@ -67,18 +66,18 @@ def download(url: str, dest: Path, sha256: str, progress: Optional[Progress] = N
                 received += len(chunk)
                 if progress is not None:
                     progress(received, total)
-    except DownloadError:
+    except LoGoNetError:
         dest.unlink(missing_ok=True)
         raise
     except (OSError, ValueError, http.client.HTTPException) as error:  # URLError is an OSError
         dest.unlink(missing_ok=True)
-        raise DownloadError(f"downloading {url} failed: {error}") from error
+        raise LoGoNetError(f"downloading {url} failed: {error}") from error
     if total is not None and received != total:
         dest.unlink(missing_ok=True)
-        raise DownloadError(f"the download of {url} was cut off after {received} of {total} bytes; try again")
+        raise LoGoNetError(f"the download of {url} was cut off after {received} of {total} bytes; try again")
     if digest.hexdigest() != sha256.lower():
         dest.unlink(missing_ok=True)
-        raise DownloadError(f"the file downloaded from {url} has the wrong checksum (SHA-256 {digest.hexdigest()}, "
+        raise LoGoNetError(f"the file downloaded from {url} has the wrong checksum (SHA-256 {digest.hexdigest()}, "
                             f"expected {sha256.lower()}); it was deleted")
     return dest
 
@@ -89,7 +88,7 @@ def safe_extract(archive: Path, dest: Path) -> None:
         with zipfile.ZipFile(archive) as zf:
             members = zf.infolist()
             if sum(m.file_size for m in members) > MAX_UNPACKED_BYTES:
-                raise DownloadError(f"{archive.name} would unpack to more than {MAX_UNPACKED_BYTES >> 30} GB")
+                raise LoGoNetError(f"{archive.name} would unpack to more than {MAX_UNPACKED_BYTES >> 30} GB")
             root = dest.resolve()
             for member in members:
                 name = member.filename.replace("\\", "/")
@@ -97,11 +96,11 @@ def safe_extract(archive: Path, dest: Path) -> None:
                 mode = member.external_attr >> 16
                 if (name.startswith("/") or ".." in parts or any(":" in p for p in parts)
                         or stat.S_ISLNK(mode)):
-                    raise DownloadError(f"{archive.name} holds an unsafe entry {member.filename!r}; nothing was "
+                    raise LoGoNetError(f"{archive.name} holds an unsafe entry {member.filename!r}; nothing was "
                                         "unpacked")
                 target = (root / name).resolve()
                 if target != root and root not in target.parents:
-                    raise DownloadError(f"{archive.name} holds an unsafe entry {member.filename!r}; nothing was "
+                    raise LoGoNetError(f"{archive.name} holds an unsafe entry {member.filename!r}; nothing was "
                                         "unpacked")
             for member in members:
                 target = root / member.filename.replace("\\", "/")
@@ -112,7 +111,7 @@ def safe_extract(archive: Path, dest: Path) -> None:
                 with zf.open(member) as source, open(target, "wb") as out:
                     shutil.copyfileobj(source, out, CHUNK)
     except zipfile.BadZipFile as error:
-        raise DownloadError(f"{archive.name} is not a zip archive: {error}") from error
+        raise LoGoNetError(f"{archive.name} is not a zip archive: {error}") from error
 
 
 def _card_root(folder: Path) -> Path:
@@ -122,7 +121,7 @@ def _card_root(folder: Path) -> Path:
     children = [p for p in folder.iterdir() if not p.name.startswith((".", "__MACOSX"))]
     if len(children) == 1 and children[0].is_dir() and (children[0] / META).is_file():
         return children[0]
-    raise DownloadError(f"the archive holds no {META} (expected a LoGoNet model card folder)")
+    raise LoGoNetError(f"the archive holds no {META} (expected a LoGoNet model card folder)")
 
 
 def install_model_zip(url: str, sha256: str, target: Path, progress: Optional[Progress] = None,
@@ -144,12 +143,12 @@ def install_model_zip(url: str, sha256: str, target: Path, progress: Optional[Pr
         card = _card_root(unpacked)
         try:
             read_card(card)
-        except ValueError as error:
-            raise DownloadError(f"the downloaded model is not usable: {error}") from error
+        except LoGoNetError as error:
+            raise LoGoNetError(f"the downloaded model is not usable: {error}") from error
         os.replace(card, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
 
 
-__all__ = ["DownloadError", "download", "safe_extract", "install_model_zip", "check_url"]
+__all__ = ["download", "safe_extract", "install_model_zip", "check_url"]

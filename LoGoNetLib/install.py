@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
+from .errors import LoGoNetError
+
 #: (distribution, import name, minimum version). torch first: it comes from the PyTorch extension.
 REQUIREMENTS: Tuple[Tuple[str, str, str], ...] = (
     ("torch", "torch", "2.3"),
@@ -146,7 +148,7 @@ class DependencyInstaller:
         try:
             import PyTorchUtils
         except ImportError as error:
-            raise RuntimeError("the PyTorch extension is missing: install 'PyTorch' from the Extensions Manager "
+            raise LoGoNetError("the PyTorch extension is missing: install 'PyTorch' from the Extensions Manager "
                                "and restart Slicer") from error
         torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
                                                              torchVersionRequirement=requirement[len("torch"):])
@@ -155,6 +157,9 @@ class DependencyInstaller:
 
 class NoInstall:
     """An installer that never installs (tests, or a core environment that is known to be complete)."""
+
+    def missing(self) -> List[Missing]:
+        return []
 
     def ensure(self, ask: Callable[[str], bool], log: Callable[[str], None] = print) -> InstallResult:
         return InstallResult()

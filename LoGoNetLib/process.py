@@ -5,7 +5,8 @@
 callbacks: ``on_event(dict)`` for protocol events and ``on_log(str)`` for everything. ``cancel()`` kills the
 whole process tree; ``stop(stop_file=...)`` first asks politely (it creates the trainer's stop file, which works
 on every OS, so a trainer saves a checkpoint) and kills only after a grace period; a stopped run ends as
-``stopped`` however it exited. Nothing here imports Qt or Slicer.
+``stopped`` however it exited. :class:`Task` is what a logic hands to its widget: one run of a worker, with the
+same running/poll/wait/cancel/stop for every kind of run. Nothing here imports Qt or Slicer.
 """
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ import os
 import queue
 import signal
 import subprocess
+import sys
 import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
-from .core import parse_event_line
+from logonet.events import parse_event_line
+
 from .messages import describe_event
 
 #: Exit codes a finished task can report besides the process's own.
@@ -248,9 +251,54 @@ class BackgroundProcess:
             self.on_finished(self)
 
 
-def schedule_polling(task, interval_ms: int = 200) -> None:
-    """Inside Slicer a QTimer keeps calling ``task.poll()`` until it returns False; headless callers poll (or
-    ``wait()``) themselves."""
+class Task:
+    """One run of a worker as a logic reports it: ``state``, ``error_message`` and its :class:`BackgroundProcess`.
+
+    Segmentation, sample download and training runs subclass it and add what they produce; running, polling,
+    waiting (with Slicer's events pumped, so the GUI stays alive), cancelling and stopping are the same for all.
+    """
+
+    #: How often the GUI's timer polls the worker (ms).
+    poll_interval_ms = 200
+
+    def __init__(self) -> None:
+        self.process: Optional[BackgroundProcess] = None
+        self.state = IDLE
+        self.error_message: Optional[str] = None
+        self.started = time.monotonic()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.running
+
+    def poll(self) -> bool:
+        """Handle the worker's queued output; True while it runs."""
+        return self.process.poll() if self.process is not None else False
+
+    def wait(self, timeout: Optional[float] = None) -> str:
+        """Block until the run ends (cancelled after ``timeout``); Slicer's events are processed meanwhile."""
+        app = getattr(sys.modules.get("slicer"), "app", None)
+        idle = getattr(app, "processEvents", None)
+        if self.process is not None:
+            self.process.wait(timeout=timeout, idle=idle)
+        return self.state
+
+    def cancel(self) -> None:
+        """Kill the worker and its children now; the run ends as cancelled."""
+        if self.process is not None:
+            self.process.cancel()
+
+    def stop(self, grace_s: float = 120.0, stop_file: Optional[str] = None) -> None:
+        """Ask the worker to stop (``stop_file``, else SIGINT) and kill it after ``grace_s``."""
+        if self.process is not None:
+            self.process.stop(grace_s=grace_s, stop_file=stop_file)
+
+
+def schedule_polling(task, interval_ms: Optional[int] = None) -> None:
+    """Inside Slicer a QTimer keeps calling ``task.poll()`` (every ``task.poll_interval_ms``) until it returns
+    False; headless callers poll (or ``wait()``) themselves."""
+    if interval_ms is None:
+        interval_ms = getattr(task, "poll_interval_ms", 200)
     try:
         import qt
     except ImportError:
@@ -274,5 +322,5 @@ def describe_command(command: Sequence[str]) -> str:
     return subprocess.list2cmdline([str(c) for c in command])  # pragma: no cover
 
 
-__all__ = ["BackgroundProcess", "kill_tree", "describe_command", "schedule_polling", "USER_CANCELLED", "DID_NOT_RUN",
+__all__ = ["BackgroundProcess", "Task", "kill_tree", "describe_command", "schedule_polling", "USER_CANCELLED", "DID_NOT_RUN",
            "IDLE", "RUNNING", "STOPPING", "CANCELLING", "SUCCEEDED", "FAILED", "CANCELLED", "STOPPED"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -17,7 +16,10 @@ import numpy as np
 import slicer
 import vtk
 
-from .core import ensure_core_importable
+from logonet.atomic import write_json_atomic
+from logonet.data.labels import parse_label_names  # MSD {"1": "liver"} and nnU-Net {"liver": 1}
+
+from .errors import LoGoNetError, from_core
 
 #: The attribute that marks a color table made from a model card (reused per model instead of piling up).
 COLOR_TABLE_ATTRIBUTE = "LoGoNet.ModelLabels"
@@ -44,18 +46,18 @@ def write_volume(volume_node, path) -> Path:
     storage.SetFileName(str(path))
     storage.SetUseCompression(0)
     if not storage.WriteData(volume_node):
-        raise RuntimeError(f"could not write {volume_node.GetName()} to {path}")
+        raise LoGoNetError(f"could not write {volume_node.GetName()} to {path}")
     return path
 
 
 def load_volume(path, name: Optional[str] = None):
     """Load a scalar volume file into the scene through the Volumes logic (works headless and in Slicer)."""
     if not os.path.isfile(str(path)):
-        raise RuntimeError(f"{path} does not exist")
+        raise LoGoNetError(f"{path} does not exist")
     logic = slicer.modules.volumes.logic()
     node = logic.AddArchetypeVolume(str(path), name or Path(str(path)).name.split(".")[0], 0, vtk.vtkStringArray())
     if node is None:
-        raise RuntimeError(f"{path} could not be read as a volume")
+        raise LoGoNetError(f"{path} could not be read as a volume")
     return node
 
 
@@ -65,7 +67,7 @@ def read_labelmap(path):
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storage.SetFileName(str(path))
     if not os.path.isfile(str(path)) or not storage.ReadData(node) or node.GetImageData() is None:
-        raise RuntimeError(f"the segmentation result {path} could not be read")
+        raise LoGoNetError(f"the segmentation result {path} could not be read")
     return node
 
 
@@ -168,7 +170,7 @@ def import_labelmap(label_node, segmentation_node, labels: Sequence[Mapping], co
         segmentation = segmentation_node.GetSegmentation()
         segmentation.RemoveAllSegments()
         if not segmentations_logic().ImportLabelmapToSegmentationNode(label_node, segmentation_node):
-            raise RuntimeError("the segmentation result could not be imported into the scene")
+            raise LoGoNetError("the segmentation result could not be imported into the scene")
     finally:
         if temp is not None:
             display = temp.GetDisplayNode()
@@ -254,7 +256,7 @@ def export_labelmap_node(segmentation_node, reference_volume, color_table=None, 
         color_table)
     if not ok:
         remove_nodes([label_node])
-        raise RuntimeError("the segments could not be exported to a labelmap")
+        raise LoGoNetError("the segments could not be exported to a labelmap")
     return label_node
 
 
@@ -263,14 +265,14 @@ def export_labelmap_file(segmentation_node, reference_volume, path, color_table=
     """Write the segmentation as a NIfTI/NRRD labelmap on the reference volume's grid with stable values."""
     path = Path(path)
     if not re.search(r"\.(nii|nii\.gz|nrrd|nhdr|mha|mhd)$", path.name, re.IGNORECASE):
-        raise ValueError(f"{path.name}: choose a .nii.gz, .nii, .nrrd or .mha file name")
+        raise LoGoNetError(f"{path.name}: choose a .nii.gz, .nii, .nrrd or .mha file name")
     label_node = export_labelmap_node(segmentation_node, reference_volume, color_table, labels)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
         storage.SetFileName(str(path))
         if not storage.WriteData(label_node):
-            raise RuntimeError(f"could not write {path}")
+            raise LoGoNetError(f"could not write {path}")
     finally:
         remove_nodes([label_node])
     return path
@@ -307,12 +309,13 @@ def add_to_training_set(volume_node, segmentation_node, dataset_dir, case_id: Op
     dataset_dir = Path(dataset_dir)
     images, label_dir = dataset_dir / "imagesTr", dataset_dir / "labelsTr"
     meta_path = dataset_dir / "dataset.json"
-    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
-    ensure_core_importable()
-    from logonet.data.labels import parse_label_names  # MSD {"1": "liver"} and nnU-Net {"liver": 1}
-
-    name_to_value: Dict[str, int] = {name: value for value, name in
-                                     parse_label_names(meta.get("labels"), meta_path).items()}
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    except (OSError, ValueError) as error:
+        raise LoGoNetError(f"{meta_path} cannot be read as JSON ({error}); fix it or choose another folder") from error
+    with from_core():
+        known = parse_label_names(meta.get("labels"), meta_path)
+    name_to_value: Dict[str, int] = {name: value for value, name in known.items()}
     colors: Dict[str, List[int]] = {}
     for label in labels or []:
         name, value = str(label["name"]), int(label["value"])
@@ -327,7 +330,7 @@ def add_to_training_set(volume_node, segmentation_node, dataset_dir, case_id: Op
         if name not in name_to_value:  # a segment the model does not know (e.g. added by the annotator)
             name_to_value[name] = max(set(name_to_value.values()) | {0}) + 1
     if not name_to_value:
-        raise ValueError("the segmentation has no segments to add to the training set")
+        raise LoGoNetError("the segmentation has no segments to add to the training set")
     ordered = sorted(name_to_value.items(), key=lambda item: item[1])
     table_labels = [{"value": v, "name": n, "color": colors.get(n, [128, 128, 128])} for n, v in ordered]
 
@@ -350,7 +353,7 @@ def add_to_training_set(volume_node, segmentation_node, dataset_dir, case_id: Op
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storage.SetFileName(str(image_path))
     if not storage.WriteData(volume_node):
-        raise RuntimeError(f"could not write {image_path}")
+        raise LoGoNetError(f"could not write {image_path}")
 
     meta.setdefault("name", dataset_dir.name)
     meta.setdefault("description", "Cases added from 3D Slicer (LoGoNetTrain 'Add to training set')")
@@ -366,8 +369,5 @@ def add_to_training_set(volume_node, segmentation_node, dataset_dir, case_id: Op
     else:
         meta["numTraining"] = len([p for p in label_dir.iterdir() if p.name.endswith(".nii.gz")])
     meta["file_ending"] = ".nii.gz"
-    fd, tmp = tempfile.mkstemp(prefix=".dataset.", suffix=".json", dir=str(dataset_dir))
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(meta, handle, indent=2)
-    os.replace(tmp, meta_path)
+    write_json_atomic(meta, meta_path)
     return {"image": image_path, "label": label_path, "dataset_json": meta_path, "case_id": case_id}

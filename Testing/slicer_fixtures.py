@@ -16,12 +16,15 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+LIB_DIR = REPO / "LoGoNetLib"
 SEGMENT_DIR = REPO / "LoGoNetSegment"
 TRAIN_DIR = REPO / "LoGoNetTrain"
-FAKE_CLI = SEGMENT_DIR / "Testing" / "Python" / "fake_logonet.py"
+FAKE_CLI = LIB_DIR / "Testing" / "fake_logonet.py"
 MODULE_DIRS = {"LoGoNetSegment": SEGMENT_DIR, "LoGoNetTrain": TRAIN_DIR}
 
-for _path in (str(SEGMENT_DIR), str(TRAIN_DIR)):
+# What Slicer puts on the Python path: each module file's folder (the module and its <Module>Lib), and the folder
+# that holds LoGoNetLib and the logonet core (the extension's qt-scripted-modules; here the repository root).
+for _path in (str(SEGMENT_DIR), str(TRAIN_DIR), str(REPO)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
@@ -48,6 +51,9 @@ def install_app_stubs() -> None:
         class ScriptedLoadableModuleWidget:
             def __init__(self, parent=None):
                 self.parent = parent
+
+            def onReload(self):  # Slicer's reloads the module file
+                pass
 
         class ScriptedLoadableModuleLogic:
             def __init__(self, parent=None):

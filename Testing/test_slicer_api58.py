@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 IDENTS = REPO.parent / "shared" / "reference" / "slicer-api" / "slicer58-idents.txt"
 #: Files that never run inside Slicer's process: the stand-in worker is a subprocess speaking the CLI.
-NOT_IN_SLICER = {"LoGoNetSegment/Testing/Python/fake_logonet.py"}
+NOT_IN_SLICER = {"LoGoNetLib/Testing/fake_logonet.py"}
 #: Capitalised calls that are not Slicer API, each with why it is safe on Slicer 5.8.
 NOT_SLICER_API = {
     "InsertNextBlankRow": "vtkTable method since VTK 5 (Slicer 5.8 ships VTK 9.x); not used in Slicer's own code",
@@ -28,7 +28,8 @@ NOT_SLICER_API = {
 
 
 def slicer_side_files() -> List[Path]:
-    files = sorted(list((REPO / "LoGoNetSegment").rglob("*.py")) + list((REPO / "LoGoNetTrain").rglob("*.py")))
+    files = sorted(path for folder in ("LoGoNetLib", "LoGoNetSegment", "LoGoNetTrain")
+                   for path in (REPO / folder).rglob("*.py"))
     return [f for f in files if str(f.relative_to(REPO)) not in NOT_IN_SLICER and "__pycache__" not in f.parts]
 
 

@@ -1,9 +1,12 @@
-"""Packaging: every file of a module folder, and every file of the bundled ``logonet`` core, is listed in the
-CMake lists (a file missing there is silently left out of the extension package), and every listed file exists.
+"""Packaging: every file of a module folder, of the shared LoGoNetLib and of the bundled ``logonet`` core is
+listed in the CMake lists (a file missing there is silently left out of the extension package), every listed
+file exists, and the tree those lists install (what the Extensions Manager unpacks) works on its own.
 """
 from __future__ import annotations
 
+import ast
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +16,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 MODULES = ("LoGoNetSegment", "LoGoNetTrain")
+#: Folders with their own CMakeLists.txt install step: the two modules and the library both import.
+PACKAGED = MODULES + ("LoGoNetLib",)
 #: Files that describe the build itself and are not packaged.
 NOT_PACKAGED = {"CMakeLists.txt"}
 #: What the core bundle must carry, relative to the repository root.
@@ -47,23 +52,38 @@ def cmake_sets(path: Path) -> Dict[str, List[str]]:
 
 
 def listed_in_module(module: str) -> Set[str]:
-    """Every path (relative to the repository root) listed by the module's CMakeLists files."""
+    """Every path (relative to the repository root) listed by the folder's CMakeLists files."""
     listed: Set[str] = set()
     for cmake in (REPO / module).rglob("CMakeLists.txt"):
         for name, values in cmake_sets(cmake).items():
-            if name.startswith("LOGONET_CORE_"):
-                continue
             listed |= {str((cmake.parent / v).resolve().relative_to(REPO)) for v in values
                        if "/" in v or "." in v}
     return listed
 
 
 def listed_core() -> Set[str]:
-    sets = cmake_sets(REPO / "LoGoNetSegment" / "CMakeLists.txt")
+    sets = cmake_sets(REPO / "CMakeLists.txt")
     return set(sets.get("LOGONET_CORE_SCRIPTS", [])) | set(sets.get("LOGONET_CORE_RESOURCES", []))
 
 
-@pytest.mark.parametrize("module", MODULES)
+def installed_files() -> Dict[str, str]:
+    """What the install step puts into ``<extension>/lib/Slicer-X.Y/qt-scripted-modules``: installed path ->
+    source path (both relative). ``slicerMacroBuildScriptedModule`` keeps a file's path relative to its
+    CMakeLists folder (under the folder's own name with ``WITH_SUBDIR``); the core keeps its repository path."""
+    tree: Dict[str, str] = {}
+    for folder in PACKAGED:
+        cmake = REPO / folder / "CMakeLists.txt"
+        text = cmake.read_text(encoding="utf-8")
+        sets = cmake_sets(cmake)
+        prefix = f"{folder}/" if re.search(r"^\s*WITH_SUBDIR\b", text, flags=re.M) else ""
+        for value in sets.get("MODULE_PYTHON_SCRIPTS", []) + sets.get("MODULE_PYTHON_RESOURCES", []):
+            tree[prefix + value] = f"{folder}/{value}"
+    for value in sorted(listed_core()):
+        tree[value] = value
+    return tree
+
+
+@pytest.mark.parametrize("module", PACKAGED)
 def test_every_module_file_is_in_the_cmake_lists(module):
     files = {f for f in repo_files(REPO / module) if Path(f).name not in NOT_PACKAGED}
     assert files, f"no files found in {module}"
@@ -72,7 +92,7 @@ def test_every_module_file_is_in_the_cmake_lists(module):
                          f"{module}/CMakeLists.txt (paths relative to it): {missing}")
 
 
-@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("module", PACKAGED)
 def test_every_listed_module_file_exists(module):
     absent = sorted(f for f in listed_in_module(module) if not (REPO / f).is_file())
     assert not absent, f"{module}/CMakeLists.txt lists files that do not exist: {absent}"
@@ -85,20 +105,70 @@ def test_bundled_core_is_complete():
         files |= {f for f in repo_files(REPO / pattern) if "__pycache__" not in f}
     assert "logonet/events.py" in files and "logonet/cli.py" in files
     missing = sorted(files - listed_core())
-    assert not missing, ("LoGoNetSegment/CMakeLists.txt must bundle these core files (add them to "
+    assert not missing, ("CMakeLists.txt (the top-level one) must bundle these core files (add them to "
                          "LOGONET_CORE_SCRIPTS for .py, else LOGONET_CORE_RESOURCES):\n  " + "\n  ".join(missing))
     absent = sorted(f for f in listed_core() if not (REPO / f).is_file())
     assert not absent, f"LOGONET_CORE_* lists files that do not exist: {absent}"
-    scripts = set(cmake_sets(REPO / "LoGoNetSegment" / "CMakeLists.txt")["LOGONET_CORE_SCRIPTS"])
+    scripts = set(cmake_sets(REPO / "CMakeLists.txt")["LOGONET_CORE_SCRIPTS"])
     assert all(s.endswith(".py") for s in scripts), "only .py files belong in LOGONET_CORE_SCRIPTS"
 
 
-def test_lib_exists_once_and_train_reuses_it():
-    """One LoGoNetLib (in LoGoNetSegment), imported by LoGoNetTrain: never two copies."""
-    libs = [p for p in REPO.rglob("LoGoNetLib") if p.is_dir() and ".venv" not in p.parts]
-    assert libs == [REPO / "LoGoNetSegment" / "LoGoNetLib"]
-    train = (REPO / "LoGoNetTrain" / "LoGoNetTrain.py").read_text(encoding="utf-8")
-    assert "from LoGoNetLib" in train and "LoGoNetSegment" in train
+def test_one_shared_library_outside_the_modules_and_no_sys_path_edits():
+    """One LoGoNetLib, at the top level with its own install step; each module's logic lives next to it; no
+    Slicer-side file edits sys.path (Slicer puts the module folders and qt-scripted-modules on it)."""
+    assert (REPO / "LoGoNetLib" / "__init__.py").is_file()
+    assert not [p for module in MODULES for p in (REPO / module).rglob("LoGoNetLib")], "a second LoGoNetLib"
+    assert "add_subdirectory(LoGoNetLib)" in (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    for module in MODULES:
+        assert (REPO / module / f"{module}Lib" / "logic.py").is_file()
+    for folder in PACKAGED:
+        for path in (REPO / folder).rglob("*.py"):
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Attribute) and node.attr == "path" and ast.unparse(node.value) == "sys":
+                    pytest.fail(f"{path.relative_to(REPO)}:{node.lineno} uses sys.path")
+
+
+INSTALLED_CHECK = """
+import sys
+tree, testing = sys.argv[1], sys.argv[2]
+# What Slicer's launcher puts on the path for an installed extension: its qt-scripted-modules folder (the module
+# folders are that same folder). The test stubs stand in for the application-only imports.
+sys.path.insert(0, testing)
+import slicer_fixtures
+slicer_fixtures.install_app_stubs()
+sys.path.insert(0, tree)  # first: the fixtures put the checkout on the path too
+import LoGoNetSegment, LoGoNetTrain
+import LoGoNetLib, LoGoNetSegmentLib, LoGoNetTrainLib, logonet
+from LoGoNetLib import core
+from LoGoNetLib.catalog import ModelCatalog
+for module in (LoGoNetSegment, LoGoNetTrain, LoGoNetLib, LoGoNetSegmentLib, LoGoNetTrainLib, logonet):
+    assert module.__file__.startswith(tree), (module.__name__, module.__file__)
+assert str(core.core_root()) == tree and core.fake_worker().is_file()
+assert core.subprocess_env()["PYTHONPATH"].split(__import__("os").pathsep)[0] == tree
+demo = ModelCatalog(home=tree + "/home").find("demo")
+assert demo.usable and str(demo.path).startswith(tree) and demo.labels
+from LoGoNetSegmentLib.widget import UI_FILE as SEGMENT_UI
+from LoGoNetTrainLib.widget import UI_FILE as TRAIN_UI
+assert SEGMENT_UI.is_file() and TRAIN_UI.is_file(), (SEGMENT_UI, TRAIN_UI)
+print("installed tree OK")
+"""
+
+
+def test_the_installed_tree_works_on_its_own(tmp_path):
+    """Lay the files out as the install step does and import both modules from there alone: LoGoNetLib, the
+    module libraries, the core, the .ui files, the demo model and the self-tests' stand-in worker are found."""
+    pytest.importorskip("slicer")
+    tree = tmp_path / "qt-scripted-modules"
+    installed = installed_files()
+    assert len(installed) == len(set(installed.values())), "two files install to the same place"
+    for target, source in installed.items():
+        (tree / target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / source, tree / target)
+    result = subprocess.run([sys.executable, "-c", INSTALLED_CHECK, str(tree), str(REPO / "Testing")],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "installed tree OK" in result.stdout
 
 
 def test_extension_metadata_and_modules():
@@ -108,8 +178,9 @@ def test_extension_metadata_and_modules():
     assert sets["EXTENSION_DEPENDS"] == ["PyTorch"]
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL"):
         assert sets.get(key), key
-    for module in MODULES:
+    for module in PACKAGED:
         assert f"add_subdirectory({module})" in text
+    for module in MODULES:
         module_text = (REPO / module / "CMakeLists.txt").read_text(encoding="utf-8")
         assert "WITH_GENERIC_TESTS" in module_text
         assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in module_text
@@ -158,7 +229,7 @@ def test_slicer_installer_floors_match_the_package():
     """The Slicer-side installer asks for exactly the core's runtime requirements and floors (pyproject)."""
     import tomllib
 
-    import slicer_fixtures  # noqa: F401  (puts LoGoNetSegment/ on sys.path)
+    import slicer_fixtures  # noqa: F401  (the module folders and the repository root on the path, as in Slicer)
     from LoGoNetLib.install import REQUIREMENTS
 
     deps = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]

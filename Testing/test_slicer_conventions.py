@@ -1,5 +1,5 @@
 """Issue 12: DICOM SEG export through Slicer's real dialog (defect 1), the parameter node saved with the scene,
-onReload of LoGoNetLib, and the one-click sample CT, against slicer-core's scene."""
+onReload of the libraries, and the one-click sample CT, against slicer-core's scene."""
 from __future__ import annotations
 
 import ast
@@ -10,9 +10,9 @@ import types
 import numpy as np
 import pytest
 
-from slicer_fixtures import FAKE_CLI, SEGMENT_DIR, TRAIN_DIR, add_volume, mrml, put_in_study  # noqa: F401
+from slicer_fixtures import FAKE_CLI, LIB_DIR, REPO, SEGMENT_DIR, TRAIN_DIR, add_volume, mrml, put_in_study  # noqa: F401
 
-LIB = SEGMENT_DIR / "LoGoNetLib"
+LIB = LIB_DIR
 
 
 # ----------------------------------------------------------------------------------------- defect 1: DICOM SEG
@@ -42,7 +42,7 @@ def dicom_case(mrml):  # noqa: F811
 
 
 def test_dicom_seg_opens_slicers_export_dialog_on_the_segmentation_in_the_ct_study(dicom_case, monkeypatch):
-    from LoGoNetLib.dicomseg import export_dicom_seg
+    from LoGoNetSegmentLib.dicomseg import export_dicom_seg
 
     mrml, volume, study, segmentation = dicom_case
     volume.SetAttribute("DICOM.instanceUIDs", "1.2.3.4 1.2.3.5")
@@ -56,20 +56,21 @@ def test_dicom_seg_opens_slicers_export_dialog_on_the_segmentation_in_the_ct_stu
 
 
 def test_dicom_seg_errors_say_what_to_do(dicom_case):
-    from LoGoNetLib.dicomseg import DicomSegError, export_dicom_seg
+    from LoGoNetSegmentLib.dicomseg import export_dicom_seg
+    from LoGoNetLib.errors import LoGoNetError
 
     mrml, volume, study, segmentation = dicom_case
     opened = []
-    with pytest.raises(DicomSegError, match="needs a CT loaded from DICOM.*Export labelmap"):
+    with pytest.raises(LoGoNetError, match="needs a CT loaded from DICOM.*Export labelmap"):
         export_dicom_seg(segmentation, volume, dialog_factory=lambda: opened.append(1), has_exporter=lambda: True)
     volume.SetAttribute("DICOM.instanceUIDs", "1.2.3.4")
-    with pytest.raises(DicomSegError, match="no DICOM SEG exporter.*QuantitativeReporting"):
+    with pytest.raises(LoGoNetError, match="no DICOM SEG exporter.*QuantitativeReporting"):
         export_dicom_seg(segmentation, volume, dialog_factory=lambda: opened.append(1), has_exporter=lambda: False)
     assert opened == []
 
 
 def test_exporter_detection_follows_the_registered_plugins(mrml, monkeypatch):  # noqa: F811
-    from LoGoNetLib.dicomseg import exporter_available
+    from LoGoNetSegmentLib.dicomseg import exporter_available
 
     monkeypatch.delitem(sys.modules, "DICOMSegmentationPlugin", raising=False)
     assert exporter_available() is False  # not in slicer-core, nor importable here
@@ -79,7 +80,7 @@ def test_exporter_detection_follows_the_registered_plugins(mrml, monkeypatch):  
 
 def test_no_module_imports_a_python_dicom_export_dialog():
     """DICOMLib has no Python DICOMExportDialog in any Slicer version: importing it is the defect 1 bug."""
-    for path in list(SEGMENT_DIR.rglob("*.py")) + list(TRAIN_DIR.rglob("*.py")):
+    for path in list(SEGMENT_DIR.rglob("*.py")) + list(TRAIN_DIR.rglob("*.py")) + list(LIB_DIR.rglob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module == "DICOMLib":
@@ -149,46 +150,60 @@ def test_closing_the_scene_gives_default_parameters(mrml):  # noqa: F811
 
 
 # ----------------------------------------------------------------------------------------- onReload
-def test_reload_reloads_every_lib_submodule_in_dependency_order():
-    import LoGoNetLib
+@pytest.mark.parametrize("package, folder", [("LoGoNetLib", LIB), ("LoGoNetSegmentLib", SEGMENT_DIR / "LoGoNetSegmentLib"),
+                                             ("LoGoNetTrainLib", TRAIN_DIR / "LoGoNetTrainLib")])
+def test_every_library_lists_its_submodules_for_reload(package, folder):
+    import importlib
 
-    files = sorted(p.stem for p in LIB.glob("*.py") if p.stem != "__init__")
-    assert sorted(LoGoNetLib.SUBMODULES) == files, "SUBMODULES must list every LoGoNetLib file"
+    files = sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__")
+    assert sorted(importlib.import_module(package).SUBMODULES) == files, f"{package}.SUBMODULES must list every file"
+
+
+def test_reload_reloads_the_shared_library_then_the_modules_own():
     # in a fresh interpreter, so the reload does not swap classes under the other tests
     code = f"""
-import sys, types
-sys.path.insert(0, {str(SEGMENT_DIR)!r})
-import slicer
+import sys
+sys.path[:0] = [{str(SEGMENT_DIR)!r}, {str(REPO)!r}, {str(REPO / "Testing")!r}]
+import slicer_fixtures
+slicer_fixtures.install_app_stubs()  # slicer.i18n for the panel module
 import LoGoNetLib
-from LoGoNetLib import catalog, segmentlogic
-catalog.META = "changed before reload"
-old_catalog_class = catalog.ModelCatalog
-modules = LoGoNetLib.reload_submodules()
-assert [m.__name__ for m in modules] == ["LoGoNetLib." + n for n in LoGoNetLib.SUBMODULES]
-assert catalog.META == "model.json", "catalog was not reloaded"
-assert catalog.ModelCatalog is not old_catalog_class
-assert segmentlogic.ModelCatalog is catalog.ModelCatalog, "segmentlogic still holds the old catalog"
+from LoGoNetLib import catalog
+from LoGoNetSegmentLib import logic
+catalog.CATALOG_FORMAT = "changed before reload"
+old_entry_class = catalog.ModelEntry
+modules = LoGoNetLib.reload_libraries("LoGoNetSegmentLib")
+names = [m.__name__ for m in modules]
+assert names == (["LoGoNetLib." + n for n in LoGoNetLib.SUBMODULES]
+                 + ["LoGoNetSegmentLib." + n for n in ("dicomseg", "logic", "widget")]), names
+assert catalog.CATALOG_FORMAT == "logonet-model-catalog", "catalog was not reloaded"
+assert catalog.ModelEntry is not old_entry_class
+assert logic.ModelEntry is catalog.ModelEntry, "the module's logic still holds the old catalog"
 print("reloaded", len(modules))
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"reloaded {len(files)}"
+    assert result.stdout.strip().startswith("reloaded ")
 
 
-@pytest.mark.parametrize("module", ["LoGoNetSegment", "LoGoNetTrain"])
-def test_widgets_reload_the_lib_before_themselves(module):
-    source = (SEGMENT_DIR.parent / module / f"{module}.py").read_text(encoding="utf-8")
-    tree = ast.parse(source)
-    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == f"{module}Widget")
-    method = next(n for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == "onReload")
-    calls = [ast.unparse(n.func) for n in ast.walk(method) if isinstance(n, ast.Call)]
-    assert calls.index("LoGoNetLib.reload_submodules") < calls.index("ScriptedLoadableModuleWidget.onReload")
+@pytest.mark.parametrize("module, library", [("LoGoNetSegment", "LoGoNetSegmentLib"), ("LoGoNetTrain", "LoGoNetTrainLib")])
+def test_reload_reloads_the_libraries_before_the_module_file(mrml, monkeypatch, module, library):  # noqa: F811
+    import importlib
+
+    import LoGoNetLib
+
+    calls = []
+    monkeypatch.setattr(LoGoNetLib, "reload_libraries", lambda *packages: calls.append(("libraries", packages)))
+    slm = sys.modules["slicer.ScriptedLoadableModule"]
+    monkeypatch.setattr(slm.ScriptedLoadableModuleWidget, "onReload", lambda self: calls.append(("module",)))
+    widget = getattr(importlib.import_module(module), f"{module}Widget")(None)
+    widget.onReload()
+    assert calls == [("libraries", (library,)), ("module",)]
 
 
 # ----------------------------------------------------------------------------------------- sample CT
 def test_load_sample_ct_runs_the_core_sample_command_and_loads_the_ct(mrml, tmp_path, monkeypatch):  # noqa: F811
     from LoGoNetLib.catalog import ModelCatalog
-    from LoGoNetLib.segmentlogic import SegmentLogic
+    from LoGoNetSegmentLib.logic import SegmentLogic
 
     monkeypatch.setenv("FAKE_LOGONET_SAMPLE_DIR", str(tmp_path / "sample"))
     logic = SegmentLogic(catalog=ModelCatalog(home=tmp_path / "home", catalog_file=tmp_path / "none.json"),
@@ -206,7 +221,8 @@ def test_load_sample_ct_runs_the_core_sample_command_and_loads_the_ct(mrml, tmp_
 
 def test_load_sample_ct_failure_is_a_clear_error(mrml, tmp_path, monkeypatch):  # noqa: F811
     from LoGoNetLib.catalog import ModelCatalog
-    from LoGoNetLib.segmentlogic import LoGoNetError, SegmentLogic
+    from LoGoNetSegmentLib.logic import SegmentLogic
+    from LoGoNetLib.errors import LoGoNetError
 
     monkeypatch.setenv("FAKE_LOGONET_SAMPLE_DIR", str(tmp_path / "sample"))
     monkeypatch.setenv("FAKE_LOGONET_SAMPLE_FAIL", "1")

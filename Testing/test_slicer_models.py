@@ -119,7 +119,7 @@ def test_segment_logic_downloads_on_first_use_with_progress(tmp_path, server, mr
 
     import numpy as np
 
-    from LoGoNetLib.segmentlogic import SegmentLogic
+    from LoGoNetSegmentLib.logic import SegmentLogic
     from slicer_fixtures import FAKE_CLI, add_volume
 
     data = card_zip(tmp_path)
@@ -143,7 +143,7 @@ from slicer_fixtures import mrml  # noqa: E402,F401
 @pytest.mark.parametrize("case", ["wrong checksum", "truncated", "dot-dot entry", "absolute entry", "not a zip",
                                   "no card", "not found", "plain http elsewhere"])
 def test_bad_downloads_give_a_clear_error_and_leave_nothing_in_the_cache(tmp_path, server, case):
-    from LoGoNetLib.download import DownloadError
+    from LoGoNetLib.errors import LoGoNetError
 
     good = card_zip(tmp_path)
     sha = hashlib.sha256(good).hexdigest()
@@ -177,7 +177,7 @@ def test_bad_downloads_give_a_clear_error_and_leave_nothing_in_the_cache(tmp_pat
         url, expected = "http://example.invalid/organs.zip", "only https URLs"
     catalog = catalog_with(tmp_path, url or server.url(name), sha)
     entry = catalog.find("organs")
-    with pytest.raises(DownloadError, match=expected):
+    with pytest.raises(LoGoNetError, match=expected):
         catalog.ensure_downloaded(entry)
     assert cache_contents(tmp_path) == [], "a failed download left files in the cache"
     assert not (tmp_path / "evil.txt").exists() and not Path("/tmp/evil.txt").exists()
@@ -230,3 +230,44 @@ def test_bundled_demo_title_and_tooltip_come_from_its_card():
     tip = demo.tooltip()
     assert f"Segments ({n})" in tip
     assert "Validation Dice" not in tip and "Dice on its training scan (not a held-out test)" in tip
+
+
+# ------------------------------------------------------------------------------ one card schema (issue 13)
+def test_a_run_folder_reads_the_same_in_slicer_and_on_the_command_line(tmp_path):
+    """The catalog reads cards through the core's logonet.cardschema (what `logonet segment --model` uses): a run
+    with only last/ is usable on both sides, best/ wins once it exists, and a card the command line refuses is
+    refused in Slicer with the same words."""
+    from LoGoNetLib.catalog import ModelCatalog, card_folder
+    from LoGoNetLib.errors import LoGoNetError
+    from logonet import cardschema
+    from logonet.errors import UserError
+
+    catalog = ModelCatalog(home=tmp_path / "home", catalog_file=tmp_path / "none.json")
+    run = tmp_path / "run"
+    last = write_fake_card(run / "last", LABELS)
+    assert card_folder(run) == cardschema.resolve(run) == last
+    entry = catalog.find(str(run))
+    assert entry.usable and entry.path == last and cardschema.read_meta(cardschema.resolve(run)) == entry.meta
+    best = write_fake_card(run / "best", LABELS)
+    assert card_folder(run) == cardschema.resolve(run) == catalog.find(str(run)).path == best
+
+    meta = json.loads((best / "model.json").read_text())
+    meta["preprocessing"]["spacing"] = [0.01, 1, 1]  # out of the schema's range
+    (best / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError) as cli:
+        cardschema.read_meta(cardschema.resolve(run))
+    with pytest.raises(LoGoNetError) as slicer_side:
+        catalog.find(str(run))
+    assert str(slicer_side.value) == str(cli.value) and "preprocessing.spacing" in str(cli.value)
+
+
+def test_a_pretraining_card_is_listed_as_unusable_for_segmentation(tmp_path):
+    from LoGoNetLib.catalog import ModelCatalog
+
+    backbone = write_fake_card(tmp_path / "home" / "models" / "backbone", [])
+    meta = json.loads((backbone / "model.json").read_text())
+    meta["architecture"]["out_channels"] = 48  # a feature width, as pretrain writes it
+    (backbone / "model.json").write_text(json.dumps(meta))
+    entry = next(e for e in ModelCatalog(home=tmp_path / "home", catalog_file=tmp_path / "none.json").models()
+                 if e.id == "backbone")
+    assert not entry.usable and "without organ labels" in entry.error and "fine-tune" in entry.error

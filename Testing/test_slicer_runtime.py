@@ -24,7 +24,7 @@ LABELS = [{"value": 6, "name": "liver", "color": [221, 130, 101]}]
 @pytest.fixture
 def env(tmp_path, mrml):  # noqa: F811
     from LoGoNetLib.catalog import ModelCatalog
-    from LoGoNetLib.segmentlogic import SegmentLogic
+    from LoGoNetSegmentLib.logic import SegmentLogic
 
     card = write_fake_card(tmp_path / "models" / "organs", LABELS)
     temp_root = tmp_path / "tmp"
@@ -117,7 +117,7 @@ def test_module_cleanup_removes_the_ct_copy_of_a_running_segmentation(env, monke
 
 def test_stale_temp_folders_of_dead_processes_are_removed_at_start(env, tmp_path):
     from LoGoNetLib.catalog import ModelCatalog
-    from LoGoNetLib.segmentlogic import SegmentLogic
+    from LoGoNetSegmentLib.logic import SegmentLogic
 
     mrml, logic, card, volume, temp_root = env
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -135,7 +135,7 @@ def test_stale_temp_folders_of_dead_processes_are_removed_at_start(env, tmp_path
 
 
 def test_exit_hook_cleans_every_live_logic(env, monkeypatch):
-    from LoGoNetLib import segmentlogic
+    from LoGoNetSegmentLib import logic as segmentlogic
 
     mrml, logic, card, volume, temp_root = env
     monkeypatch.setenv("FAKE_LOGONET_DELAY", "20")
@@ -148,7 +148,7 @@ def test_exit_hook_cleans_every_live_logic(env, monkeypatch):
 # --------------------------------------------------------------------------------------------- defect 8
 def test_apply_during_the_dependency_install_is_refused(env):
     from LoGoNetLib.install import InstallResult
-    from LoGoNetLib.segmentlogic import LoGoNetError
+    from LoGoNetLib.errors import LoGoNetError
 
     mrml, logic, card, volume, _ = env
     seen = {}

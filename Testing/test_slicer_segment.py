@@ -25,7 +25,7 @@ LABELS = [{"value": 2, "name": "liver", "color": [221, 130, 101]},
 @pytest.fixture
 def logic_env(tmp_path, mrml):  # noqa: F811
     from LoGoNetLib.catalog import ModelCatalog
-    from LoGoNetLib.segmentlogic import SegmentLogic
+    from LoGoNetSegmentLib.logic import SegmentLogic
 
     card = write_fake_card(tmp_path / "models" / "organs", LABELS)
     catalog = ModelCatalog(home=tmp_path / "home", catalog_file=tmp_path / "none.json")
@@ -143,13 +143,13 @@ def test_cancel_during_run_leaves_no_new_node(logic_env, monkeypatch):
 
 def test_corrupt_model_gives_readable_error_and_no_node(logic_env, tmp_path):
     mrml, logic, card, volume, _, _ = logic_env
-    from LoGoNetLib.segmentlogic import LoGoNetError
+    from LoGoNetLib.errors import LoGoNetError
 
     bad = write_fake_card(tmp_path / "broken", LABELS, corrupt="json")
     before = scene_node_ids(mrml.scene)
-    with pytest.raises(LoGoNetError, match="model.json is not valid JSON"):
+    with pytest.raises(LoGoNetError, match="model.json: is not valid JSON"):  # the command line's words
         logic.process(volume, model=str(bad), waitForCompletion=True)
-    with pytest.raises(LoGoNetError, match="not a LoGoNet model"):
+    with pytest.raises(LoGoNetError, match="is not a model card"):
         logic.process(volume, model=str(tmp_path), waitForCompletion=True)
     with pytest.raises(LoGoNetError, match="not found"):
         logic.process(volume, model="no-such-model", waitForCompletion=True)
@@ -176,7 +176,7 @@ def test_hand_broken_model_lists_do_not_stop_the_module(tmp_path, caplog):
 
 def test_worker_error_line_becomes_the_message(logic_env, tmp_path):
     mrml, logic, card, volume, _, _ = logic_env
-    from LoGoNetLib.segmentlogic import LoGoNetError
+    from LoGoNetLib.errors import LoGoNetError
 
     # the catalog accepts the card but the worker refuses it: the worker's error line reaches the user
     broken = write_fake_card(tmp_path / "w", LABELS, corrupt="weights")
@@ -190,7 +190,7 @@ def test_worker_error_line_becomes_the_message(logic_env, tmp_path):
 
 def test_bad_inputs_are_refused_before_launching(logic_env):
     mrml, logic, card, volume, _, _ = logic_env
-    from LoGoNetLib.segmentlogic import LoGoNetError
+    from LoGoNetLib.errors import LoGoNetError
 
     with pytest.raises(LoGoNetError, match="select an input volume"):
         logic.process(None, model=str(card))
@@ -203,7 +203,8 @@ def test_bad_inputs_are_refused_before_launching(logic_env):
 
 def test_roi_is_passed_in_voxel_indices_and_result_stays_inside(logic_env):
     mrml, logic, card, volume, _, _ = logic_env
-    from LoGoNetLib.segmentlogic import LoGoNetError, roi_to_ijk
+    from LoGoNetSegmentLib.logic import roi_to_ijk
+    from LoGoNetLib.errors import LoGoNetError
 
     # the ROI covering voxels i 4..11, j 3..9, k 2..13 (centers), given in RAS
     roi = mrml.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "R")
@@ -247,7 +248,7 @@ def test_existing_output_segmentation_is_reused(logic_env):
 def test_installer_is_asked_before_launch(logic_env):
     mrml, logic, card, volume, _, _ = logic_env
     from LoGoNetLib.install import DependencyInstaller
-    from LoGoNetLib.segmentlogic import LoGoNetError
+    from LoGoNetLib.errors import LoGoNetError
 
     pip_calls, questions = [], []
     installer = DependencyInstaller(version_of=lambda dist: None if dist == "monai" else "99.0",
@@ -279,7 +280,7 @@ def test_demo_model_on_sample_ct_end_to_end(mrml, sample_ct, tmp_path):  # noqa:
     from LoGoNetLib import scene as sc
     from LoGoNetLib.catalog import ModelCatalog
     from LoGoNetLib.core import resources_dir
-    from LoGoNetLib.segmentlogic import SegmentLogic
+    from LoGoNetSegmentLib.logic import SegmentLogic
 
     card = json.loads((resources_dir() / "Models" / "demo" / "model.json").read_text(encoding="utf-8"))
     labels = card["labels"]
@@ -342,7 +343,7 @@ def test_corrupt_weights_real_worker_readable_error_and_no_node(logic_env, tmp_p
     import shutil
 
     from LoGoNetLib.core import resources_dir
-    from LoGoNetLib.segmentlogic import LoGoNetError
+    from LoGoNetLib.errors import LoGoNetError
 
     mrml, logic, card, volume, _, temp_root = logic_env
     broken = tmp_path / "broken-demo"

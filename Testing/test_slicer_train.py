@@ -27,7 +27,7 @@ def _labeled_folder(root: Path) -> Path:
 @pytest.fixture
 def train_env(tmp_path, mrml):  # noqa: F811
     from LoGoNetLib.catalog import ModelCatalog
-    from LoGoNetLib.trainlogic import TrainLogic
+    from LoGoNetTrainLib.logic import TrainLogic
 
     catalog = ModelCatalog(home=tmp_path / "home", catalog_file=tmp_path / "none.json")
     logic = TrainLogic(catalog=catalog, command_prefix=[sys.executable, str(FAKE_CLI)])
@@ -35,7 +35,7 @@ def train_env(tmp_path, mrml):  # noqa: F811
 
 
 def test_fake_run_parses_progress_charts_and_registers(train_env, tmp_path):
-    from LoGoNetLib.trainlogic import TrainSettings
+    from LoGoNetTrainLib.logic import TrainSettings
 
     mrml, logic, catalog, data = train_env
     seen = []
@@ -56,7 +56,7 @@ def test_fake_run_parses_progress_charts_and_registers(train_env, tmp_path):
 
 
 def test_fake_stop_leaves_checkpoint_and_resume_continues(train_env, tmp_path, monkeypatch):
-    from LoGoNetLib.trainlogic import TrainSettings
+    from LoGoNetTrainLib.logic import TrainSettings
 
     mrml, logic, catalog, data = train_env
     monkeypatch.setenv("FAKE_LOGONET_DELAY", "0.3")
@@ -87,7 +87,7 @@ def test_fake_stop_leaves_checkpoint_and_resume_continues(train_env, tmp_path, m
 
 
 def test_a_worker_that_ignores_stop_is_ended_and_reported_resumable_not_failed(train_env, tmp_path, monkeypatch):
-    from LoGoNetLib.trainlogic import TrainSettings
+    from LoGoNetTrainLib.logic import TrainSettings
 
     mrml, logic, catalog, data = train_env
     monkeypatch.setenv("FAKE_LOGONET_DELAY", "0.2")
@@ -107,8 +107,8 @@ def test_a_worker_that_ignores_stop_is_ended_and_reported_resumable_not_failed(t
 
 
 def test_output_folder_that_cannot_be_created_is_a_clear_error(train_env, tmp_path):
-    from LoGoNetLib.segmentlogic import LoGoNetError
-    from LoGoNetLib.trainlogic import TrainSettings
+    from LoGoNetLib.errors import LoGoNetError
+    from LoGoNetTrainLib.logic import TrainSettings
 
     mrml, logic, catalog, data = train_env
     blocker = tmp_path / "a_file"
@@ -155,8 +155,8 @@ def test_stop_sends_exactly_one_sigint(monkeypatch, process_scan_fails):
 
 
 def test_problems_are_reported_all_at_once(train_env, tmp_path):
-    from LoGoNetLib.segmentlogic import LoGoNetError
-    from LoGoNetLib.trainlogic import FINETUNE_FROM_PRETRAINED, PRETRAIN, TrainSettings, count_cases
+    from LoGoNetLib.errors import LoGoNetError
+    from LoGoNetTrainLib.logic import FINETUNE_FROM_PRETRAINED, PRETRAIN, TrainSettings, count_cases
 
     mrml, logic, catalog, data = train_env
     empty = tmp_path / "empty"
@@ -172,16 +172,40 @@ def test_problems_are_reported_all_at_once(train_env, tmp_path):
         logic.start(settings)
     ok = TrainSettings(data_dir=str(data), out_dir=str(tmp_path / "o"), resume=True)
     assert any("nothing to resume" in p for p in logic.problems(ok))
-    # pre-training reads DICOM series / nested folders too: a folder of subfolders is the worker's to judge
+    # pre-training reads nested folders and DICOM series, found as the worker finds them (data.datasets.discover)
     (empty / "patient1" / "series1").mkdir(parents=True)
     (empty / "patient1" / "liver.seg.nrrd").write_bytes(b"")
     nested = TrainSettings(mode=PRETRAIN, data_dir=str(empty), out_dir=str(tmp_path / "o"))
-    assert logic.problems(nested) == []
-    assert count_cases(empty / "patient1") == (0, 0)  # a .seg.nrrd is a segmentation, not an image
+    assert count_cases(empty) == (0, 0)  # a .seg.nrrd is a segmentation, an empty folder no series
+    assert any("no volumes found" in p for p in logic.problems(nested))  # the worker would find nothing either
+    (empty / "patient1" / "series1" / "slice1.dcm").write_bytes(b"")
+    (empty / "patient1" / "ct.nii.gz").write_bytes(b"")
+    assert count_cases(empty) == (2, 0) and logic.problems(nested) == []
+
+
+def test_case_counts_are_the_workers_discovery(tmp_path):
+    """count_cases is logonet.data.datasets.discover: an MSD folder counts the cases its dataset.json lists
+    (not every file in imagesTr), a label the list names but that is missing is not counted, and a broken
+    dataset.json is one clear error instead of a wrong count."""
+    from LoGoNetLib.errors import LoGoNetError
+    from LoGoNetTrainLib.logic import count_cases
+
+    data = tmp_path / "msd"
+    for sub, names in (("imagesTr", ("a.nii.gz", "b.nii.gz", "c.nii.gz")), ("labelsTr", ("a.nii.gz",))):
+        (data / sub).mkdir(parents=True)
+        for name in names:
+            (data / sub / name).write_bytes(b"")
+    listed = [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"},
+              {"image": "./imagesTr/b.nii.gz", "label": "./labelsTr/b.nii.gz"}]
+    (data / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "spleen"}, "training": listed}))
+    assert count_cases(data) == (2, 1)
+    (data / "dataset.json").write_text("{broken")
+    with pytest.raises(LoGoNetError, match="dataset.json is not valid JSON"):
+        count_cases(data)
 
 
 def test_command_line_matches_the_cli(train_env, tmp_path):
-    from LoGoNetLib.trainlogic import FINETUNE_FROM_PRETRAINED, PRETRAIN, TrainSettings
+    from LoGoNetTrainLib.logic import FINETUNE_FROM_PRETRAINED, PRETRAIN, TrainSettings
 
     mrml, logic, catalog, data = train_env
     logic.command_prefix = None
@@ -219,7 +243,7 @@ def _scene_case(mrml, labels, seed):  # noqa: F811
 def test_add_to_training_set_writes_stable_nnunet_pairs(train_env, tmp_path):
     import SimpleITK as sitk
 
-    from LoGoNetLib.trainlogic import TrainLogic
+    from LoGoNetTrainLib.logic import TrainLogic
 
     mrml, logic, catalog, data = train_env
     labels = [{"value": 3, "name": "left kidney", "color": [212, 126, 151]},
@@ -258,7 +282,7 @@ def test_add_to_msd_folder_lists_the_case_and_keeps_taken_values(train_env, tmp_
     folder already gives to another name moves to the next free value instead of merging two organs."""
     import SimpleITK as sitk
 
-    from LoGoNetLib.trainlogic import TrainLogic
+    from LoGoNetTrainLib.logic import TrainLogic
 
     mrml, _, _, _ = train_env
     dataset = tmp_path / "msd"
@@ -286,7 +310,7 @@ def test_real_finetune_on_cases_added_from_the_scene_stop_resume_catalog(mrml, t
     pytest.importorskip("torch")
     from LoGoNetLib import scene as sc
     from LoGoNetLib.catalog import ModelCatalog
-    from LoGoNetLib.trainlogic import TrainLogic, TrainSettings
+    from LoGoNetTrainLib.logic import TrainLogic, TrainSettings
     from logonet.data.labels import BTCV_LABELS
 
     labels = [label.to_dict() for label in BTCV_LABELS]

@@ -64,13 +64,17 @@ def ui_widgets(path: Path) -> Dict[str, str]:
 
 
 def module_code(module: str) -> str:
-    return (REPO / module / f"{module}.py").read_text(encoding="utf-8")
+    """The code that drives a module's panel: the module file, its own library and LoGoNetLib's panel base."""
+    files = [REPO / module / f"{module}.py", *sorted((REPO / module / f"{module}Lib").glob("*.py")),
+             REPO / "LoGoNetLib" / "gui.py"]
+    return "\n".join(path.read_text(encoding="utf-8") for path in files)
 
 
 @pytest.mark.parametrize("module", MODULES)
 def test_every_widget_the_code_uses_is_in_the_ui(module):
     widgets = ui_widgets(REPO / module / "Resources" / "UI" / f"{module}.ui")
-    used = set(re.findall(r"self\.ui\.(\w+)", module_code(module)))
+    used = set(re.findall(r"\bui\.(\w+)", module_code(module)))
+    used |= {name for name, _signal, _slot in panel_class(module).CONNECTIONS}
     assert used, "the module code uses no widgets?"
     missing = sorted(used - set(widgets))
     assert not missing, f"{module}.py uses widgets that {module}.ui lacks: {missing}"
@@ -96,6 +100,17 @@ def test_ui_classes_are_ones_slicer_provides(module):
         assert connection.findtext("slot") in SLOTS.get(widgets[receiver], set())
 
 
+def panel_class(module: str):
+    """The library panel class a module file hosts (``SegmentWidget``, ``TrainWidget``)."""
+    import importlib
+
+    from slicer_fixtures import install_app_stubs
+
+    install_app_stubs()
+    name = {"LoGoNetSegment": "SegmentWidget", "LoGoNetTrain": "TrainWidget"}[module]
+    return getattr(importlib.import_module(f"{module}Lib.widget"), name)
+
+
 @pytest.mark.parametrize("module", MODULES)
 def test_code_uses_only_provided_classes_and_signals(module):
     code = module_code(module)
@@ -106,11 +121,12 @@ def test_code_uses_only_provided_classes_and_signals(module):
     for name in set(re.findall(r"\bslicer\.(q[A-Z]\w+)", code)):
         assert name in MRML_WIDGETS | SLICER_QT_CLASSES, f"{module}.py uses slicer.{name}"
     widgets = ui_widgets(REPO / module / "Resources" / "UI" / f"{module}.ui")
-    connects = re.findall(r"self\.ui\.(\w+)\.connect\(\"([^\"]+)\"", code)
-    assert connects
+    panel = panel_class(module)
+    connects = [(name, signal) for name, signal, _slot in panel.CONNECTIONS]
+    assert connects and all(callable(getattr(panel, slot, None)) for _name, _signal, slot in panel.CONNECTIONS)
     for name, signal in connects:
         cls = widgets[name]
-        assert signal in SIGNALS.get(cls, set()), f"{module}.py connects {name} ({cls}) to unknown signal {signal}"
+        assert signal in SIGNALS.get(cls, set()), f"{module} panel connects {name} ({cls}) to unknown signal {signal}"
 
 
 def test_the_checker_catches_a_missing_widget(monkeypatch):
@@ -122,12 +138,12 @@ def test_the_checker_catches_a_missing_widget(monkeypatch):
 
 
 def test_module_files_import_headless_and_logic_has_the_documented_api(mrml):
-    """Both module files import (app-only parts stubbed) and their Logic classes are the LoGoNetLib logics."""
+    """Both module files import (app-only parts stubbed) and their Logic classes are their libraries' logics."""
     import importlib
 
     from LoGoNetLib.install import DependencyInstaller
-    from LoGoNetLib.segmentlogic import SegmentLogic
-    from LoGoNetLib.trainlogic import TrainLogic
+    from LoGoNetSegmentLib.logic import SegmentLogic
+    from LoGoNetTrainLib.logic import TrainLogic
 
     segment = importlib.import_module("LoGoNetSegment")
     train = importlib.import_module("LoGoNetTrain")
@@ -140,6 +156,6 @@ def test_module_files_import_headless_and_logic_has_the_documented_api(mrml):
     for name in ("inputVolume", "outputSegmentation", "model", "device", "fast", "roiNode", "waitForCompletion"):
         assert name in params
     assert params["waitForCompletion"].default is True
-    # one LoGoNetLib, whichever module imported it first
+    # one logic class per module, whichever way it was imported
     assert segment.SegmentLogic is SegmentLogic and train.TrainLogic is TrainLogic
 

@@ -1,6 +1,9 @@
-"""The two widgets' behaviour (issue 12, defects 6-8 and the parameter node), run headless: their real setup()
-on slicer-core's scene, with the .ui's widgets replaced by recording fakes (every widget named in the .ui
-exists, and a fake emits its Qt signal when the code or the test changes its value, as PythonQt does)."""
+"""The two panels' behaviour, run headless: the library widgets (``SegmentWidget(logic)``, ``TrainWidget(logic)``)
+with their real setup() on slicer-core's scene, the .ui's widgets replaced by recording fakes (every widget named
+in the .ui exists, and a fake emits its Qt signal when the code or the test changes its value, as PythonQt does).
+
+The Segment panel is driven by a fake logic: a click becomes a logic call, a logic callback becomes panel state.
+The other tests run the real logics with the stand-in worker."""
 from __future__ import annotations
 
 import sys
@@ -174,14 +177,12 @@ def app(mrml, monkeypatch, tmp_path):  # noqa: F811
 MADE = []
 
 
-def make_widget(module_name, cls_name):
-    import importlib
-
-    module = importlib.import_module(module_name)
-    widget = getattr(module, cls_name)(types.SimpleNamespace(isEntered=True))
-    widget.setup()
-    MADE.append(widget)
-    return module, widget
+def make_panel(panel):
+    """setup() then enter(), as Slicer does when the module is first shown."""
+    panel.setup()
+    panel.enter()
+    MADE.append(panel)
+    return panel
 
 
 @pytest.fixture(autouse=True)
@@ -189,9 +190,10 @@ def cleanup_widgets():
     yield
     while MADE:
         widget = MADE.pop()
-        if widget.task is not None and widget.task.running:
-            widget.task.process.cancel()
-            widget.task.wait(timeout=30)
+        task = getattr(widget, "task", None)
+        if task is not None and task.running and getattr(task, "process", None) is not None:
+            task.process.cancel()
+            task.wait(timeout=30)
         widget.cleanup()  # removes the scene observers before the scene goes
 
 
@@ -199,10 +201,11 @@ def cleanup_widgets():
 @pytest.fixture
 def train(app, tmp_path):
     from LoGoNetLib.install import NoInstall
+    from LoGoNetTrainLib.logic import TrainLogic
+    from LoGoNetTrainLib.widget import TrainWidget
 
-    module, widget = make_widget("LoGoNetTrain", "LoGoNetTrainWidget")
-    widget.logic.installer = NoInstall()
-    widget.logic.command_prefix = [sys.executable, str(FAKE_CLI)]
+    widget = make_panel(TrainWidget(logic=TrainLogic(installer=NoInstall(),
+                                                     command_prefix=[sys.executable, str(FAKE_CLI)])))
     data = tmp_path / "data"
     for sub, name in (("imagesTr", "a_0000.nii.gz"), ("labelsTr", "a.nii.gz")):
         (data / sub).mkdir(parents=True)
@@ -275,15 +278,17 @@ def test_train_failure_never_says_none(train, app):
 # ------------------------------------------------------------------------------------------------- Segment
 @pytest.fixture
 def segment(app, tmp_path):
+    from LoGoNetLib.catalog import ModelCatalog
     from LoGoNetLib.install import NoInstall
+    from LoGoNetSegmentLib.logic import SegmentLogic
+    from LoGoNetSegmentLib.widget import SegmentWidget
 
     card = write_fake_card(tmp_path / "home" / "models" / "organs",
                            [{"value": 1, "name": "spleen", "color": [157, 108, 162]}])
     volume = add_volume(app.mrml.slicer, np.zeros((8, 10, 12), dtype=np.int16), name="CT")
-    module, widget = make_widget("LoGoNetSegment", "LoGoNetSegmentWidget")
-    widget.logic.installer = NoInstall()
-    widget.logic.command_prefix = [sys.executable, str(FAKE_CLI)]
-    widget.logic.temp_root = str(tmp_path)
+    logic = SegmentLogic(catalog=ModelCatalog(), installer=NoInstall(),
+                         command_prefix=[sys.executable, str(FAKE_CLI)], temp_root=str(tmp_path))
+    widget = make_panel(SegmentWidget(logic=logic))
     widget.ui.modelSelector.setCurrentIndex(widget.ui.modelSelector.findData("organs"))
     return widget, volume, card
 
@@ -378,3 +383,168 @@ def test_ask_without_busy_cursor_with_real_qt(monkeypatch):
         while qtwidgets.QApplication.overrideCursor() is not None:
             qtwidgets.QApplication.restoreOverrideCursor()
     assert qapp is not None
+
+
+# ------------------------------------------------------------------------------------------------- fake logic
+class FakeTask:
+    """What a segmentation logic hands back: a run the test ends by calling the completion callback."""
+
+    def __init__(self, model):
+        self.model = model
+        self.state = "running"
+        self.cancelled = 0
+        self.segmentation = None
+        self.volumes_ml = []
+        self.elapsed_s = 0.0
+        self.error_message = None
+
+    @property
+    def running(self):
+        return self.state == "running"
+
+    def cancel(self):
+        self.cancelled += 1
+
+
+class FakeSegmentLogic:
+    """Records every call the panel makes; ``process`` returns a :class:`FakeTask` (or raises ``fail``)."""
+
+    def __init__(self, catalog):
+        from LoGoNetLib.install import NoInstall
+
+        self.catalog = catalog
+        self.installer = NoInstall()
+        self.installing = False
+        self.ask = None
+        self.calls = []
+        self.fail = None
+
+    def process(self, inputVolume, **kwargs):
+        self.calls.append(("process", inputVolume, kwargs))
+        if self.fail is not None:
+            raise self.fail
+        return FakeTask(kwargs["model"])
+
+    def cleanup(self):
+        self.calls.append(("cleanup",))
+
+
+@pytest.fixture
+def fake_segment(app, tmp_path):
+    from LoGoNetLib.catalog import ModelCatalog
+    from LoGoNetSegmentLib.widget import SegmentWidget
+
+    write_fake_card(tmp_path / "home" / "models" / "organs", [{"value": 1, "name": "spleen", "color": [1, 2, 3]},
+                                                               {"value": 6, "name": "liver", "color": [4, 5, 6]}])
+    volume = add_volume(app.mrml.slicer, np.zeros((8, 10, 12), dtype=np.int16), name="CT")
+    logic = FakeSegmentLogic(ModelCatalog())
+    widget = make_panel(SegmentWidget(logic=logic))
+    widget.ui.modelSelector.setCurrentIndex(widget.ui.modelSelector.findData("organs"))
+    return widget, logic, volume
+
+
+def test_apply_click_becomes_one_logic_call_with_the_panel_selections(fake_segment):
+    widget, logic, volume = fake_segment
+    ui = widget.ui
+    assert widget.logic is logic and logic.ask == widget.ask  # questions go through the panel (normal cursor)
+    ui.deviceSelector.setCurrentIndex(ui.deviceSelector.findData("cpu"))
+    ui.fastCheckBox.checked = True
+    ui.applyButton.emit("clicked(bool)", False)
+    assert [call[0] for call in logic.calls] == ["process"]
+    _, given_volume, kwargs = logic.calls[0]
+    assert given_volume is volume and kwargs["model"].id == "organs"
+    assert (kwargs["device"], kwargs["fast"], kwargs["waitForCompletion"]) == ("cpu", True, False)
+    assert kwargs["roiNode"] is None and kwargs["outputSegmentation"] is None
+    # while it runs, Apply is Cancel and the inputs are locked
+    assert ui.applyButton.text == "Cancel" and ui.applyButton.enabled
+    assert not ui.inputVolumeSelector.enabled and not ui.modelSelector.enabled
+    assert ui.progressBar.visible and ui.statusLabel.text == "Starting the segmentation..."
+
+
+def test_logic_callbacks_become_panel_state(fake_segment, app):
+    widget, logic, volume = fake_segment
+    ui = widget.ui
+    ui.applyButton.emit("clicked(bool)", False)
+    kwargs = logic.calls[0][2]
+    kwargs["logCallback"]("Worker started on cpu.")
+    kwargs["progressCallback"](0.5, "Segmenting: 2 of 4")
+    assert ui.logTextEdit.plain[-1] == "Worker started on cpu."
+    assert ui.progressBar.value == 50 and ui.statusLabel.text == "Segmenting: 2 of 4"
+    # the run succeeds: the panel shows the result the logic made
+    task = widget.task
+    segmentation = app.mrml.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "CT LoGoNet")
+    segmentation.GetSegmentation().AddEmptySegment("", "spleen", (1, 0, 0))
+    task.state, task.segmentation, task.elapsed_s = "succeeded", segmentation, 1.25
+    task.volumes_ml = [("spleen", 1, 12.5), ("liver", 6, 800.0)]
+    kwargs["completedCallback"](task)
+    assert ui.statusLabel.text == "Done in 1.2 s" and not ui.progressBar.visible
+    assert ui.outputSegmentationSelector.currentNode() is segmentation
+    assert widget.segmentsTable.segmentation is segmentation and ui.volumesTable.rows == 2
+    assert ui.applyButton.text == "Apply" and ui.applyButton.enabled and ui.exportLabelmapButton.enabled
+    assert app.errors == []
+
+
+def test_cancel_click_cancels_the_running_task_and_a_cancelled_run_says_so(fake_segment, app):
+    widget, logic, volume = fake_segment
+    ui = widget.ui
+    ui.applyButton.emit("clicked(bool)", False)
+    task = widget.task
+    ui.applyButton.emit("clicked(bool)", False)  # the same button, now Cancel
+    assert task.cancelled == 1 and len(logic.calls) == 1 and ui.statusLabel.text == "Cancelling..."
+    task.state = "cancelled"
+    logic.calls[0][2]["completedCallback"](task)
+    assert ui.statusLabel.text == "Cancelled: nothing was added to the scene." and app.errors == []
+    assert ui.applyButton.text == "Apply" and ui.inputVolumeSelector.enabled
+
+
+def test_a_failed_run_is_one_message_with_the_log_as_details(fake_segment, app):
+    widget, logic, volume = fake_segment
+    widget.ui.applyButton.emit("clicked(bool)", False)
+    kwargs = logic.calls[0][2]
+    kwargs["logCallback"]("Error: out of memory")
+    task = widget.task
+    task.state, task.error_message = "failed", "out of memory"
+    kwargs["completedCallback"](task)
+    assert app.errors == ["Segmentation failed: out of memory"] and widget.ui.statusLabel.text == "Failed."
+
+
+def test_errors_meet_one_boundary_user_errors_as_is_bugs_with_traceback(fake_segment, app, caplog):
+    from LoGoNetLib.errors import LoGoNetError
+
+    widget, logic, volume = fake_segment
+    logic.fail = LoGoNetError("select an input volume (a CT)")
+    widget.ui.applyButton.emit("clicked(bool)", False)
+    assert app.errors == ["select an input volume (a CT)"]  # the user's mistake: the message as is
+    assert widget.task is None and not widget.ui.progressBar.visible and widget.ui.applyButton.text == "Apply"
+    logic.fail = KeyError("labels")  # a bug
+    with caplog.at_level("ERROR", logger="LoGoNet"):
+        widget.ui.applyButton.emit("clicked(bool)", False)
+    assert app.errors[1] == "Segmentation could not start: 'labels'"
+    assert any(record.exc_info and record.exc_info[0] is KeyError for record in caplog.records)
+    assert widget.ui.applyButton.enabled  # the panel stays usable
+
+
+def test_apply_is_refused_by_the_panel_while_the_logic_installs(fake_segment):
+    widget, logic, volume = fake_segment
+    logic.installing = True
+    widget.updateButtons()
+    assert not widget.ui.applyButton.enabled and "being installed" in widget.ui.applyButton.toolTip
+    widget.ui.applyButton.emit("clicked(bool)", False)
+    assert logic.calls == []
+
+
+@pytest.mark.parametrize("module, panel", [("LoGoNetSegment", "SegmentWidget"), ("LoGoNetTrain", "TrainWidget")])
+def test_module_files_host_the_library_panel_with_their_logic(app, module, panel):
+    """The module file only wires: its widget hosts the library panel, with the module's own logic."""
+    import importlib
+
+    loaded = importlib.import_module(module)
+    host = getattr(loaded, f"{module}Widget")(types.SimpleNamespace())
+    host.setup()
+    MADE.append(host.panel)
+    assert type(host.panel).__name__ == panel
+    assert isinstance(host.panel.logic, getattr(loaded, f"{module}Logic")) and host.logic is host.panel.logic
+    host.enter()
+    assert host.panel.entered and host.panel.params is not None
+    host.exit()
+    assert not host.panel.entered

@@ -130,8 +130,9 @@ def main(argv=None) -> int:
     seg = sub.add_parser("segment")
     seg.add_argument("input")
     seg.add_argument("output")
-    for name in ("--model", "--device", "--roi", "--stats", "--progress", "--overlap"):
+    for name in ("--model", "--device", "--stats", "--progress", "--overlap"):
         seg.add_argument(name, default=None)
+    seg.add_argument("--box", "--roi", dest="roi", default=None)  # --roi: the real CLI's deprecated name
     seg.add_argument("--fast", action="store_true")
     ft = sub.add_parser("finetune")
     ft.add_argument("data")

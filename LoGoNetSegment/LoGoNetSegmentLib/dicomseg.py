@@ -12,7 +12,8 @@ from typing import Callable, Optional
 
 import slicer
 
-from . import scene as sc
+from LoGoNetLib import scene as sc
+from LoGoNetLib.errors import LoGoNetError
 
 DICOM_UIDS_ATTRIBUTE = "DICOM.instanceUIDs"
 NO_EXPORTER = ("This Slicer has no DICOM SEG exporter (DICOMSegmentationPlugin): install the QuantitativeReporting "
@@ -20,10 +21,6 @@ NO_EXPORTER = ("This Slicer has no DICOM SEG exporter (DICOMSegmentationPlugin):
                "Until then, use 'Export labelmap'.")
 NOT_FROM_DICOM = ("DICOM SEG needs a CT loaded from DICOM (through the DICOM module): '{name}' was not. "
                   "Use 'Export labelmap' instead, or load the CT through the DICOM module.")
-
-
-class DicomSegError(RuntimeError):
-    """Why DICOM SEG export cannot run here; the message says what to do."""
 
 
 def exporter_available() -> bool:
@@ -40,16 +37,16 @@ def exporter_available() -> bool:
 def export_dicom_seg(segmentation_node, volume_node, dialog_factory: Optional[Callable[[], object]] = None,
                      has_exporter: Optional[Callable[[], bool]] = None) -> int:
     """Open Slicer's DICOM export dialog on the segmentation (placed in the CT's study first); returns the
-    subject-hierarchy item it was opened on. Raises :class:`DicomSegError` with the reason when it cannot."""
+    subject-hierarchy item it was opened on. Raises :class:`LoGoNetError` with the reason when it cannot."""
     if segmentation_node is None or volume_node is None:
-        raise DicomSegError("select the input CT and its segmentation")
+        raise LoGoNetError("select the input CT and its segmentation")
     if not volume_node.GetAttribute(DICOM_UIDS_ATTRIBUTE):
-        raise DicomSegError(NOT_FROM_DICOM.format(name=volume_node.GetName()))
+        raise LoGoNetError(NOT_FROM_DICOM.format(name=volume_node.GetName()))
     if not (has_exporter or exporter_available)():
-        raise DicomSegError(NO_EXPORTER)
+        raise LoGoNetError(NO_EXPORTER)
     factory = dialog_factory or getattr(slicer, "qSlicerDICOMExportDialog", None)
     if factory is None:
-        raise DicomSegError("This Slicer has no DICOM export dialog (the DICOM module is disabled).")
+        raise LoGoNetError("This Slicer has no DICOM export dialog (the DICOM module is disabled).")
     scene = volume_node.GetScene()
     sc.set_reference_geometry(segmentation_node, volume_node)  # the SEG's frames follow the CT's slices
     item = sc.place_in_study(segmentation_node, volume_node)  # same patient and study as the CT
@@ -59,4 +56,4 @@ def export_dicom_seg(segmentation_node, volume_node, dialog_factory: Optional[Ca
     return item
 
 
-__all__ = ["DicomSegError", "export_dicom_seg", "exporter_available", "NO_EXPORTER"]
+__all__ = ["export_dicom_seg", "exporter_available", "NO_EXPORTER"]

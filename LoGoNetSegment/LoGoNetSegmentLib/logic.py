@@ -25,19 +25,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import slicer
 import vtk
 
-from . import scene as sc
-from .catalog import ModelCatalog, ModelEntry
-from .core import logonet_command, subprocess_env
-from .install import NoInstall
-from .messages import Throttle, stage_words
-from .process import CANCELLED, FAILED, SUCCEEDED, BackgroundProcess, describe_command, schedule_polling
-
-DEVICES = {"auto": "auto", "gpu": "cuda", "cuda": "cuda", "cpu": "cpu"}
-
-
-class LoGoNetError(RuntimeError):
-    """A failure to show the user as is (the message says what went wrong; no traceback needed)."""
-
+from LoGoNetLib import scene as sc
+from LoGoNetLib.catalog import ModelEntry
+from LoGoNetLib.core import DEVICES
+from LoGoNetLib.errors import LoGoNetError, failure_message
+from LoGoNetLib.messages import Throttle, stage_words
+from LoGoNetLib.process import CANCELLED, FAILED, SUCCEEDED, BackgroundProcess, Task
+from LoGoNetLib.worker import Log, WorkerLogic, no_log
 
 #: Temporary folders hold a copy of the patient's CT: ``LoGoNet-<pid>-<random>``, so that the folders of a
 #: Slicer that died can be told from those of a running one and removed at the next start.
@@ -120,81 +114,39 @@ def roi_to_ijk(volume_node, roi_node) -> Tuple[int, int, int, int, int, int]:
     return tuple(start + stop)  # type: ignore[return-value]
 
 
-class SegmentTask:
+class SegmentTask(Task):
     """One segmentation run: state, progress, and (on success) the segmentation node and organ volumes."""
 
-    def __init__(self, logic: "SegmentLogic", volume_node, entry: ModelEntry, temp_dir: Path) -> None:
-        self.logic = logic
+    def __init__(self, volume_node, entry: ModelEntry, temp_dir: Path) -> None:
+        super().__init__()
         self.volume_node = volume_node
         self.model = entry
         self.temp_dir = temp_dir
-        self.process: Optional[BackgroundProcess] = None
         self.segmentation = None
         self.volumes_ml: List[Tuple[str, int, float]] = []
-        self.error_message: Optional[str] = None
-        self.state = "idle"
-        self.started = time.monotonic()
         self.elapsed_s = 0.0
         self.device_used: Optional[str] = None
 
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.running
 
-    def poll(self) -> bool:
-        return self.process.poll() if self.process is not None else False
-
-    def wait(self, timeout: Optional[float] = None) -> str:
-        idle = None
-        app = getattr(slicer, "app", None)
-        if app is not None and hasattr(app, "processEvents"):
-            idle = app.processEvents
-        if self.process is not None:
-            self.process.wait(timeout=timeout, idle=idle)
-        return self.state
-
-    def cancel(self) -> None:
-        if self.process is not None:
-            self.process.cancel()
-
-
-class SampleTask:
+class SampleTask(Task):
     """The 'Load sample CT' run: ``state``, then ``volume`` (the loaded node) or ``error_message``."""
 
+    poll_interval_ms = 300
+
     def __init__(self) -> None:
-        self.process: Optional[BackgroundProcess] = None
+        super().__init__()
         self.volume = None
-        self.state = "running"
-        self.error_message: Optional[str] = None
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.running
-
-    def poll(self) -> bool:
-        return self.process.poll() if self.process is not None else False
-
-    def wait(self, timeout: Optional[float] = None) -> str:
-        idle = getattr(getattr(slicer, "app", None), "processEvents", None)
-        if self.process is not None:
-            self.process.wait(timeout=timeout, idle=idle)
-        return self.state
 
 
-class SegmentLogic:
+class SegmentLogic(WorkerLogic):
     """Runs ``logonet segment``; every collaborator (catalog, installer, command, temp folder) is injectable."""
 
-    def __init__(self, catalog: Optional[ModelCatalog] = None, installer=None,
-                 command_prefix: Optional[Sequence[str]] = None, temp_root: Optional[str] = None,
-                 keep_temp: bool = False, ask: Optional[Callable[[str], bool]] = None) -> None:
-        self.catalog = catalog or ModelCatalog()
-        self.installer = installer or NoInstall()
-        self.command_prefix = list(command_prefix) if command_prefix else None
+    def __init__(self, catalog=None, installer=None, command_prefix: Optional[Sequence[str]] = None,
+                 temp_root: Optional[str] = None, keep_temp: bool = False,
+                 ask: Optional[Callable[[str], bool]] = None) -> None:
+        super().__init__(catalog=catalog, installer=installer, command_prefix=command_prefix, ask=ask)
         self.temp_root = temp_root
         self.keep_temp = keep_temp
-        self.ask = ask or (lambda question: True)
-        self.task: Optional[SegmentTask] = None
-        self.installing = False  # the first-use dependency install is running (Apply must stay disabled)
         self._temp_dirs: List[Path] = []
         _LIVE_LOGICS.add(self)
         remove_stale_temp_folders(temp_root)
@@ -233,13 +185,12 @@ class SegmentLogic:
                       roi: Optional[Sequence[int]] = None) -> List[str]:
         if device not in DEVICES:
             raise LoGoNetError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
-        command = list(self.command_prefix or logonet_command()) + [
-            "segment", str(input_path), str(output_path), "--model", str(model_path),
-            "--device", DEVICES[device], "--progress", "jsonl"]
+        command = self.command("segment", input_path, output_path, "--model", model_path,
+                               "--device", DEVICES[device], "--progress", "jsonl")
         if fast:
             command.append("--fast")
         if roi is not None:
-            command += ["--roi", ",".join(str(int(v)) for v in roi)]
+            command += ["--box", ",".join(str(int(v)) for v in roi)]
         return command
 
     # ------------------------------------------------------------------------------------------ run
@@ -248,32 +199,17 @@ class SegmentLogic:
                 progressCallback: Optional[Callable[[float, str], None]] = None,
                 completedCallback: Optional[Callable[[SegmentTask], None]] = None) -> SegmentTask:
         """Segment ``inputVolume``; with ``waitForCompletion`` a failure raises :class:`LoGoNetError`."""
-        log = logCallback or (lambda text: None)
+        log = logCallback or no_log
         self.validate_input(inputVolume)
-        try:
-            entry = model if isinstance(model, ModelEntry) else self.catalog.find(model)
-        except ValueError as error:
-            raise LoGoNetError(str(error)) from error
+        entry = model if isinstance(model, ModelEntry) else self.catalog.find(model)
         roi = roi_to_ijk(inputVolume, roiNode) if roiNode is not None else None
         if not entry.downloaded:
             entry = self.download_model(entry, log, progressCallback)
-        if self.installing:
-            raise LoGoNetError("the Python packages are being installed: wait until the install has finished")
-        if self.task is not None and self.task.running:
-            raise LoGoNetError("a segmentation is already running: wait for it or cancel it")
-        self.installing = True
-        try:
-            installed = self.installer.ensure(ask=self.ask, log=log)
-        finally:
-            self.installing = False
-        if not installed.ok:
-            raise LoGoNetError("; ".join(installed.problems))
-        if installed.restart_needed:
-            raise LoGoNetError("Python packages were updated: restart Slicer, then click Apply again")
+        self.ensure_ready("a segmentation is already running: wait for it or cancel it", log)
 
         temp_dir = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=self.temp_root))
         self._temp_dirs.append(temp_dir)
-        task = SegmentTask(self, inputVolume, entry, temp_dir)
+        task = SegmentTask(inputVolume, entry, temp_dir)
         self.task = task
         try:
             input_path = sc.write_volume(inputVolume, temp_dir / "input.nrrd")
@@ -283,7 +219,6 @@ class SegmentLogic:
             self._cleanup(task)
             raise
         log(f"Model: {entry.title} ({entry.path})")
-        log("Running: " + describe_command(command))
 
         throttle = Throttle(0.25)  # a few GUI updates per second, not one per sliding window
         last_text = [""]
@@ -316,16 +251,10 @@ class SegmentLogic:
             if completedCallback is not None:
                 completedCallback(task)
 
-        task.process = BackgroundProcess(command, env=subprocess_env(force_cpu=(device == "cpu")), cwd=str(temp_dir),
-                                         on_event=on_event, on_log=log, on_finished=on_finished)
-        task.state = "running"
-        task.process.start()
-        if waitForCompletion:
-            task.wait()
-            if task.state == FAILED:
-                raise LoGoNetError(task.error_message or "segmentation failed")
-        else:
-            schedule_polling(task)
+        self.launch(task, command, log, wait=waitForCompletion, on_event=on_event, on_finished=on_finished,
+                    force_cpu=(device == "cpu"), cwd=str(temp_dir))
+        if waitForCompletion and task.state == FAILED:
+            raise LoGoNetError(task.error_message or "segmentation failed")
         return task
 
     def cancel(self) -> None:
@@ -339,11 +268,10 @@ class SegmentLogic:
         separate process and load the CT into the scene as ``example_ct``. With ``waitForCompletion`` a failure
         raises :class:`LoGoNetError`; otherwise ``completedCallback(task)`` gets ``task.volume`` or
         ``task.error_message``."""
-        log = logCallback or (lambda text: None)
+        log = logCallback or no_log
         task = SampleTask()
         lines: List[str] = []
-        command = list(self.command_prefix or logonet_command()) + ["sample", "--json"]
-        log("Fetching the sample CT (once; later runs use the cached copy): " + describe_command(command))
+        log("Fetching the sample CT (once; later runs use the cached copy)")
 
         def on_log(text: str) -> None:
             lines.append(text)
@@ -368,27 +296,20 @@ class SegmentLogic:
                 task.volume = sc.load_volume(paths["ct"], name="example_ct")
                 task.state = SUCCEEDED
                 log(f"Loaded the sample CT {paths['ct']}")
-            except Exception as error:  # shown to the user as is
-                task.state, task.error_message = FAILED, str(error)
+            except Exception as error:
+                task.state, task.error_message = FAILED, failure_message(error, "loading the sample CT failed")
                 log(f"Error: {task.error_message}")
             if completedCallback is not None:
                 completedCallback(task)
 
-        task.process = BackgroundProcess(command, env=subprocess_env(), on_log=on_log, on_finished=on_finished)
-        task.process.start()
-        if waitForCompletion:
-            task.wait()
-            if task.state == FAILED:
-                raise LoGoNetError(task.error_message or "the sample CT could not be loaded")
-        else:
-            schedule_polling(task, interval_ms=300)
+        self.launch(task, self.command("sample", "--json"), on_log, wait=waitForCompletion, on_finished=on_finished)
+        if waitForCompletion and task.state == FAILED:
+            raise LoGoNetError(task.error_message or "the sample CT could not be loaded")
         return task
 
-    def download_model(self, entry: ModelEntry, log: Callable[[str], None] = lambda text: None,
+    def download_model(self, entry: ModelEntry, log: Log = no_log,
                        progressCallback: Optional[Callable[[float, str], None]] = None) -> ModelEntry:
         """Fetch a catalog model given by URL (first use only), with progress; a clear error otherwise."""
-        from .download import DownloadError
-
         log(f"Downloading the model '{entry.title}' from {entry.url} (first use only)...")
         throttle = Throttle(0.25)
         idle = getattr(getattr(slicer, "app", None), "processEvents", None)
@@ -402,13 +323,13 @@ class SegmentLogic:
 
         try:
             entry = self.catalog.ensure_downloaded(entry, progress=progress)
-        except (DownloadError, ValueError) as error:
+        except LoGoNetError as error:
             raise LoGoNetError(f"the model '{entry.title}' could not be downloaded: {error}") from error
         log(f"Model saved in {entry.path}")
         return entry
 
     # ------------------------------------------------------------------------------------------ import
-    def _finish(self, task: SegmentTask, output_segmentation, log: Callable[[str], None]) -> None:
+    def _finish(self, task: SegmentTask, output_segmentation, log: Log) -> None:
         process = task.process
         task.elapsed_s = time.monotonic() - task.started
         try:
@@ -418,7 +339,8 @@ class SegmentLogic:
                     task.state = SUCCEEDED
                     log(f"Done in {task.elapsed_s:.1f} s" + (f" on {task.device_used}" if task.device_used else ""))
                 except Exception as error:  # a bad result must not leave half-made nodes behind
-                    task.state, task.error_message = FAILED, f"importing the result failed: {error}"
+                    task.state = FAILED
+                    task.error_message = failure_message(error, "importing the result failed")
             elif process.state == CANCELLED:
                 task.state = CANCELLED
                 log("Cancelled.")
@@ -442,7 +364,7 @@ class SegmentLogic:
         labels = task.model.labels
         label_node = sc.read_labelmap(task.temp_dir / "result.nrrd")
         if not sc.same_geometry(label_node, volume):
-            raise LoGoNetError("the result's voxel grid differs from the input volume's")
+            raise LoGoNetError("importing the result failed: its voxel grid differs from the input volume's")
         label_array = slicer.util.arrayFromVolume(label_node)
         scene = volume.GetScene()
         created = []

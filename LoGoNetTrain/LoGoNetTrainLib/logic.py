@@ -1,13 +1,12 @@
 """LoGoNetTrain's logic: ``logonet pretrain`` / ``logonet finetune`` in a separate process.
 
 Progress lines become an epoch progress, the loss and best Dice, and a live chart (a table node plotted by
-plot series/chart nodes). Stop sends SIGINT: the trainer saves a checkpoint and exits, and the same settings
+plot series/chart nodes). Stop writes the trainer's STOP file: it saves a checkpoint and exits, and the same settings
 with ``resume=True`` continue from it. A successful fine-tune is registered in the model catalog, so it shows
 in LoGoNetSegment's model selector.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -15,36 +14,31 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import slicer
 import vtk
 
-from . import scene as sc
-from .catalog import ModelCatalog, ModelEntry, read_card
-from .core import logonet_command, subprocess_env
-from .install import NoInstall
-from .process import FAILED, STOPPED, SUCCEEDED, BackgroundProcess, describe_command, schedule_polling
-from .segmentlogic import DEVICES, LoGoNetError
+from LoGoNetLib import scene as sc
+from LoGoNetLib.catalog import ModelEntry, read_card
+from LoGoNetLib.core import DEVICES
+from LoGoNetLib.errors import LoGoNetError, failure_message, from_core
+from LoGoNetLib.process import FAILED, STOPPED, SUCCEEDED, BackgroundProcess, Task
+from LoGoNetLib.worker import Log, WorkerLogic, no_log
 
 PRETRAIN, FINETUNE, FINETUNE_FROM_PRETRAINED = "pretrain", "finetune", "finetune_from_pretrained"
 MODES = (PRETRAIN, FINETUNE, FINETUNE_FROM_PRETRAINED)
 PRESETS = ("T", "S", "L")
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
-#: The trainer checkpoints and stops when this file appears in its output folder (logonet.train.engine.STOP_FILE).
+#: The trainer checkpoints and stops when this file appears in its output folder (logonet.train's STOP file).
 STOP_FILE = "STOP"
 
 
-def _volumes(folder: Path) -> List[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)
-                  and not p.name.lower().endswith(".seg.nrrd"))  # a segmentation, not an image
-
-
 def count_cases(folder) -> Tuple[int, int]:
-    """(images, labels) found in a dataset folder: MSD/nnU-Net ``imagesTr``/``labelsTr``, ``images``/``labels``,
-    or (unlabeled) volumes directly in the folder. A quick look for the GUI; the worker validates fully."""
-    folder = Path(folder)
-    for images, labels in (("imagesTr", "labelsTr"), ("images", "labels")):
-        if (folder / images).is_dir():
-            return len(_volumes(folder / images)), len(_volumes(folder / labels))
-    return len(_volumes(folder)), 0
+    """(images, label maps) in a dataset folder, found the way the worker finds them
+    (:func:`logonet.data.datasets.discover`: MSD, nnU-Net, images/labels pairs, or any volumes and DICOM series
+    below the folder). Names and small headers only, never the volumes. A broken ``dataset.json`` is a
+    :class:`LoGoNetError`."""
+    from logonet.data.datasets import discover  # numpy and SimpleITK (Slicer's own), never torch
+
+    with from_core():
+        index = discover(folder)
+    labels = [case for case in index.labeled() if Path(case["label"]).is_file()]
+    return len(index.cases), len(labels)
 
 
 @dataclass
@@ -63,12 +57,14 @@ class TrainSettings:
     extra_args: Sequence[str] = field(default_factory=tuple)  # passed through to the CLI as is
 
 
-class TrainTask:
+class TrainTask(Task):
     """One training run: epochs seen, best Dice, the checkpoint, and (on success) the catalog entry."""
 
+    poll_interval_ms = 500
+
     def __init__(self, settings: TrainSettings) -> None:
+        super().__init__()
         self.settings = settings
-        self.process: Optional[BackgroundProcess] = None
         self.history: List[Dict] = []
         self.epoch = 0
         self.total_epochs = int(settings.epochs)
@@ -76,22 +72,7 @@ class TrainTask:
         self.checkpoint: Optional[str] = None
         self.checkpoint_epoch: Optional[int] = None  # epochs the last checkpoint holds
         self.model_entry: Optional[ModelEntry] = None
-        self.error_message: Optional[str] = None
-        self.state = "idle"
         self.chart = None
-        self.started = time.monotonic()
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.running
-
-    def poll(self) -> bool:
-        return self.process.poll() if self.process is not None else False
-
-    def wait(self, timeout: Optional[float] = None) -> str:
-        if self.process is not None:
-            self.process.wait(timeout=timeout)
-        return self.state
 
 
 class TrainingChart:
@@ -134,19 +115,13 @@ class TrainingChart:
         return [self.table, self.chart] + self.series
 
 
-class TrainLogic:
-    """Builds, starts and stops training runs; collaborators are injectable like :class:`SegmentLogic`'s."""
+class TrainLogic(WorkerLogic):
+    """Builds, starts and stops training runs; collaborators are injectable like the segmentation logic's."""
 
-    def __init__(self, catalog: Optional[ModelCatalog] = None, installer=None,
-                 command_prefix: Optional[Sequence[str]] = None, ask: Optional[Callable[[str], bool]] = None,
-                 chart: bool = True) -> None:
-        self.catalog = catalog or ModelCatalog()
-        self.installer = installer or NoInstall()
-        self.command_prefix = list(command_prefix) if command_prefix else None
-        self.ask = ask or (lambda question: True)
+    def __init__(self, catalog=None, installer=None, command_prefix: Optional[Sequence[str]] = None,
+                 ask: Optional[Callable[[str], bool]] = None, chart: bool = True) -> None:
+        super().__init__(catalog=catalog, installer=installer, command_prefix=command_prefix, ask=ask)
         self.chart = chart
-        self.task: Optional[TrainTask] = None
-        self.installing = False  # the first-use dependency install is running (Start must stay disabled)
 
     # ------------------------------------------------------------------------------------------ validation
     def problems(self, settings: TrainSettings) -> List[str]:
@@ -170,12 +145,14 @@ class TrainLogic:
             found.append(f"the {'unlabeled' if settings.mode == PRETRAIN else 'labeled'} data folder "
                          f"{settings.data_dir or '(none)'} does not exist")
         else:
-            images, labels = count_cases(data)
-            # Pre-training also reads DICOM series and nested folders: the worker looks there, so only a folder
-            # without volumes and without subfolders is refused here.
-            nested = settings.mode == PRETRAIN and any(p.is_dir() for p in data.iterdir())
-            if images == 0 and not nested:
-                found.append(f"no volumes found in {data} (expected imagesTr/ or images/ or volumes in the folder)")
+            try:
+                images, labels = count_cases(data)
+            except LoGoNetError as error:
+                found.append(str(error))
+                images = labels = -1
+            if images == 0:
+                found.append(f"no volumes found in {data} (expected imagesTr/ or images/, or volumes or DICOM series "
+                             "in the folder)")
             elif settings.mode != PRETRAIN and labels == 0:
                 found.append(f"no label maps found in {data} (fine-tuning needs imagesTr/+labelsTr/ or images/+labels/)")
         if not settings.out_dir:
@@ -190,11 +167,10 @@ class TrainLogic:
         return found
 
     def build_command(self, settings: TrainSettings) -> List[str]:
-        command = list(self.command_prefix or logonet_command())
-        command += [settings.mode if settings.mode == PRETRAIN else "finetune", str(settings.data_dir),
-                    "--out", str(settings.out_dir), "--preset", settings.preset, "--epochs", str(int(settings.epochs)),
-                    "--roi", *[str(int(r)) for r in settings.roi], "--lr", repr(float(settings.lr)),
-                    "--device", DEVICES[settings.device], "--progress", "jsonl"]
+        command = self.command(
+            settings.mode if settings.mode == PRETRAIN else "finetune", settings.data_dir, "--out", settings.out_dir,
+            "--preset", settings.preset, "--epochs", int(settings.epochs), "--roi", *[int(r) for r in settings.roi],
+            "--lr", repr(float(settings.lr)), "--device", DEVICES[settings.device], "--progress", "jsonl")
         if settings.mode == FINETUNE_FROM_PRETRAINED and settings.init_model:
             command += ["--init", str(settings.init_model)]
         if settings.name and settings.mode != PRETRAIN:
@@ -205,26 +181,14 @@ class TrainLogic:
 
     # ------------------------------------------------------------------------------------------ run
     def start(self, settings: TrainSettings, waitForCompletion: bool = False,
-              logCallback: Optional[Callable[[str], None]] = None,
+              logCallback: Optional[Log] = None,
               progressCallback: Optional[Callable[[TrainTask], None]] = None,
               completedCallback: Optional[Callable[[TrainTask], None]] = None) -> TrainTask:
-        log = logCallback or (lambda text: None)
+        log = logCallback or no_log
         problems = self.problems(settings)
         if problems:
             raise LoGoNetError("; ".join(problems))
-        if self.installing:
-            raise LoGoNetError("the Python packages are being installed: wait until the install has finished")
-        if self.task is not None and self.task.running:
-            raise LoGoNetError("a training run is already running: stop it first")
-        self.installing = True
-        try:
-            installed = self.installer.ensure(ask=self.ask, log=log)
-        finally:
-            self.installing = False
-        if not installed.ok:
-            raise LoGoNetError("; ".join(installed.problems))
-        if installed.restart_needed:
-            raise LoGoNetError("Python packages were updated: restart Slicer, then start again")
+        self.ensure_ready("a training run is already running: stop it first", log)
         out = Path(settings.out_dir)
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -233,8 +197,6 @@ class TrainLogic:
             raise LoGoNetError(f"the output folder {out} cannot be used: {error.strerror or error}") from error
         task = TrainTask(settings)
         self.task = task
-        command = self.build_command(settings)
-        log("Running: " + describe_command(command))
 
         def on_event(event: Dict) -> None:
             kind = event.get("event")
@@ -264,24 +226,16 @@ class TrainLogic:
             if completedCallback is not None:
                 completedCallback(task)
 
-        task.process = BackgroundProcess(command, env=subprocess_env(force_cpu=(settings.device == "cpu")),
-                                         on_event=on_event, on_log=log, on_finished=on_finished)
-        task.state = "running"
-        task.process.start()
-        if waitForCompletion:
-            task.wait()
-        else:
-            schedule_polling(task, interval_ms=500)
-        return task
+        return self.launch(task, self.build_command(settings), log, wait=waitForCompletion, on_event=on_event,
+                           on_finished=on_finished, force_cpu=(settings.device == "cpu"))
 
     def stop(self, grace_s: float = 120.0) -> None:
         """Graceful stop on every OS: a ``STOP`` file in the output folder, which the trainer checks at every step
         and between validation cases; it saves a checkpoint and exits (and is killed after ``grace_s``)."""
-        if self.task is not None and self.task.process is not None:
-            self.task.process.stop(grace_s=grace_s,
-                                   stop_file=str(Path(self.task.settings.out_dir) / STOP_FILE))
+        if self.task is not None:
+            self.task.stop(grace_s=grace_s, stop_file=str(Path(self.task.settings.out_dir) / STOP_FILE))
 
-    def _finish(self, task: TrainTask, log: Callable[[str], None]) -> None:
+    def _finish(self, task: TrainTask, log: Log) -> None:
         process = task.process
         out = Path(task.settings.out_dir)
         if (out / "checkpoint.pt").is_file():
@@ -296,8 +250,10 @@ class TrainLogic:
                 try:
                     task.model_entry = self.catalog.register(out, title=task.settings.name or out.name)
                     log(f"Model '{task.model_entry.id}' added to LoGoNetSegment's model list.")
-                except ValueError as error:
-                    task.state, task.error_message = FAILED, f"training finished but its model is unusable: {error}"
+                except Exception as error:
+                    task.state = FAILED
+                    task.error_message = ("training finished but its model is unusable: "
+                                          + failure_message(error, "registering the model failed"))
             else:
                 log(f"Pre-trained model written to {out}; fine-tune from it next.")
         elif process.state == STOPPED:
@@ -337,7 +293,7 @@ class TrainLogic:
             if model_path:
                 try:
                     labels = read_card(model_path).get("labels")
-                except ValueError:
+                except LoGoNetError:  # the model is gone: the segments' own names and colours decide
                     labels = None
         return sc.add_to_training_set(volume_node, segmentation_node, dataset_dir, case_id=case_id, labels=labels)
 
