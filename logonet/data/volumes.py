@@ -381,6 +381,8 @@ def metatensor_to_image(tensor: Any, affine: Optional[np.ndarray] = None, pixel_
     """MONAI (Meta)Tensor/array of shape (X, Y, Z) or (1, X, Y, Z) -> SimpleITK image in LPS.
 
     ``affine`` (RAS) defaults to ``tensor.affine``; ``pixel_type`` (e.g. ``sitk.sitkUInt8``) casts the result.
+    Its ``ValueError``s are a calling module's bug (a wrong shape from code, never from a user's file), so they
+    keep their traceback; every mistake a user can make in this module raises :class:`UserError`.
     """
     if affine is None:
         affine = getattr(tensor, "affine", None)
