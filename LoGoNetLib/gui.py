@@ -21,6 +21,18 @@ DEVICE_CHOICES = (("auto", "Auto (GPU if available)"), ("gpu", "GPU"), ("cpu", "
 TITLE = "LoGoNet"
 
 
+def describe_module(parent, title: str, helpText: str, acknowledgementText: str) -> None:
+    """The metadata both module classes set on their ``parent`` (category Segmentation, contributors)."""
+    from slicer.i18n import translate
+
+    parent.title = title
+    parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+    parent.dependencies = []
+    parent.contributors = ["LoGoNet for 3D Slicer contributors"]
+    parent.helpText = helpText
+    parent.acknowledgementText = acknowledgementText
+
+
 def ask_without_busy_cursor(question: str, confirm: Callable[[str], bool], application=None) -> bool:
     """Ask ``question`` with the normal cursor: every override cursor (a busy cursor set during a running
     install or export) is taken down while the dialog is open and put back afterwards. A question under a busy
@@ -182,4 +194,5 @@ class PanelHost:
         super().onReload()  # ScriptedLoadableModuleWidget's: reloads the module file
 
 
-__all__ = ["DEVICE_CHOICES", "ModuleWidget", "PanelHost", "ask_without_busy_cursor", "busy_cursor", "organ_summary"]
+__all__ = ["DEVICE_CHOICES", "ModuleWidget", "PanelHost", "describe_module", "ask_without_busy_cursor", "busy_cursor",
+           "organ_summary"]

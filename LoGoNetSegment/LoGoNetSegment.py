@@ -12,12 +12,11 @@ import sys
 
 import slicer
 from slicer.i18n import tr as _
-from slicer.i18n import translate
 from slicer.ScriptedLoadableModule import *  # noqa: F401,F403
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 
-from LoGoNetLib.gui import PanelHost
+from LoGoNetLib.gui import PanelHost, describe_module
 from LoGoNetLib.install import DependencyInstaller
 from LoGoNetSegmentLib.logic import SegmentLogic
 from LoGoNetSegmentLib.widget import SegmentWidget, demo_organs
@@ -26,18 +25,16 @@ from LoGoNetSegmentLib.widget import SegmentWidget, demo_organs
 class LoGoNetSegment(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = _("LoGoNet Segment")
-        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
-        self.parent.dependencies = []
-        self.parent.contributors = ["LoGoNet for 3D Slicer contributors"]
-        self.parent.helpText = _(
-            "Segment abdominal organs in a CT with a LoGoNet model: the bundled demo model ({organs}, BTCV labels), "
-            "a model trained with LoGoNetTrain, or any LoGoNet model folder. Each model's organs are listed under "
-            "the model selector. The model runs in a separate process; Apply becomes Cancel while it runs. "
-            "'Load sample CT' loads a public example CT to try it.").format(organs=demo_organs())
-        self.parent.acknowledgementText = _(
-            "LoGoNet: local and global 3-D segmentation with masked self-supervised pre-training. "
-            "The demo model is for demonstration only, not for clinical use.")
+        describe_module(
+            self.parent, _("LoGoNet Segment"),
+            helpText=_(
+                "Segment abdominal organs in a CT with a LoGoNet model: the bundled demo model ({organs}, BTCV "
+                "labels), a model trained with LoGoNetTrain, or any LoGoNet model folder. Each model's organs are "
+                "listed under the model selector. The model runs in a separate process; Apply becomes Cancel while "
+                "it runs. 'Load sample CT' loads a public example CT to try it.").format(organs=demo_organs()),
+            acknowledgementText=_(
+                "LoGoNet: local and global 3-D segmentation with masked self-supervised pre-training. "
+                "The demo model is for demonstration only, not for clinical use."))
 
 
 class LoGoNetSegmentWidget(PanelHost, ScriptedLoadableModuleWidget):

@@ -12,12 +12,11 @@ import sys
 
 import slicer
 from slicer.i18n import tr as _
-from slicer.i18n import translate
 from slicer.ScriptedLoadableModule import *  # noqa: F401,F403
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 
-from LoGoNetLib.gui import PanelHost
+from LoGoNetLib.gui import PanelHost, describe_module
 from LoGoNetLib.install import DependencyInstaller
 from LoGoNetTrainLib.logic import TrainLogic, TrainSettings
 from LoGoNetTrainLib.widget import TrainWidget
@@ -26,15 +25,13 @@ from LoGoNetTrainLib.widget import TrainWidget
 class LoGoNetTrain(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = _("LoGoNet Train")
-        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
-        self.parent.dependencies = []
-        self.parent.contributors = ["LoGoNet for 3D Slicer contributors"]
-        self.parent.helpText = _(
-            "Pre-train LoGoNet on unlabeled CTs (masked self-supervision) and fine-tune it on labeled ones "
-            "(nnU-Net imagesTr/labelsTr, MSD dataset.json, or images/labels folders). Corrected segmentations can "
-            "be added to a training folder for the next round. Trained models appear in LoGoNet Segment.")
-        self.parent.acknowledgementText = _("LoGoNet for 3D Slicer.")
+        describe_module(
+            self.parent, _("LoGoNet Train"),
+            helpText=_(
+                "Pre-train LoGoNet on unlabeled CTs (masked self-supervision) and fine-tune it on labeled ones "
+                "(nnU-Net imagesTr/labelsTr, MSD dataset.json, or images/labels folders). Corrected segmentations can "
+                "be added to a training folder for the next round. Trained models appear in LoGoNet Segment."),
+            acknowledgementText=_("LoGoNet for 3D Slicer."))
 
 
 class LoGoNetTrainWidget(PanelHost, ScriptedLoadableModuleWidget):

@@ -40,15 +40,34 @@ def repo_files(folder: Path) -> List[str]:
             if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"]
 
 
-def cmake_sets(path: Path) -> Dict[str, List[str]]:
-    """``set(NAME a b c)`` blocks of a CMakeLists.txt (comments removed), values with ``${MODULE_NAME}`` expanded."""
-    text = re.sub(r"(^|\s)#[^\n]*", r"\1", path.read_text(encoding="utf-8"))
+MACRO = "logonet_add_scripted_module"
+
+
+def _sets(text: str, module: str = "") -> Dict[str, List[str]]:
+    text = re.sub(r"(^|\s)#[^\n]*", r"\1", text)
     sets: Dict[str, List[str]] = {}
     token = r'"[^"]*"|[^\s()"]+'
     for name, body in re.findall(rf"\bset\(\s*(\w+)((?:\s+(?:{token}))*)\s*\)", text, flags=re.IGNORECASE):
         sets[name] = [t.strip('"') for t in re.findall(token, body)]
-    module = (sets.get("MODULE_NAME") or [""])[0]
+    module = (sets.get("MODULE_NAME") or [module])[0]
     return {name: [v.replace("${MODULE_NAME}", module) for v in values] for name, values in sets.items()}
+
+
+def macro_body() -> str:
+    """The top-level CMakeLists.txt's macro that builds, installs and tests a module."""
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    return re.search(rf"macro\({MACRO}\)(.*?)endmacro\(\)", text, flags=re.S).group(1)
+
+
+def cmake_sets(path: Path) -> Dict[str, List[str]]:
+    """``set(NAME a b c)`` blocks of a CMakeLists.txt (comments removed), values with ``${MODULE_NAME}`` expanded;
+    a module CMakeLists.txt that calls the top-level macro also gets the lists the macro sets."""
+    text = path.read_text(encoding="utf-8")
+    sets = _sets(text)
+    if path != REPO / "CMakeLists.txt" and re.search(rf"^\s*{MACRO}\(\)", text, flags=re.M):
+        for name, values in _sets(macro_body(), (sets.get("MODULE_NAME") or [""])[0]).items():
+            sets[name] = sets.get(name, []) + values
+    return sets
 
 
 def listed_in_module(module: str) -> Set[str]:
@@ -178,12 +197,13 @@ def test_extension_metadata_and_modules():
     assert sets["EXTENSION_DEPENDS"] == ["PyTorch"]
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL"):
         assert sets.get(key), key
+    assert "WITH_GENERIC_TESTS" in macro_body()
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in macro_body()
     for module in PACKAGED:
         assert f"add_subdirectory({module})" in text
     for module in MODULES:
         module_text = (REPO / module / "CMakeLists.txt").read_text(encoding="utf-8")
-        assert "WITH_GENERIC_TESTS" in module_text
-        assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in module_text
+        assert re.search(rf"^{MACRO}\(\)", module_text, flags=re.M), f"{module} must use {MACRO}()"
         assert re.search(rf"class {module}Test\(ScriptedLoadableModuleTest\)",
                          (REPO / module / f"{module}.py").read_text(encoding="utf-8")), "the module needs its self-test"
     assert (REPO / "Resources" / "Icons" / "LoGoNet.png").is_file()

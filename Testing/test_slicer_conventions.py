@@ -150,7 +150,8 @@ def test_closing_the_scene_gives_default_parameters(mrml):  # noqa: F811
 
 
 # ----------------------------------------------------------------------------------------- onReload
-@pytest.mark.parametrize("package, folder", [("LoGoNetLib", LIB), ("LoGoNetSegmentLib", SEGMENT_DIR / "LoGoNetSegmentLib"),
+@pytest.mark.parametrize("package, folder", [("LoGoNetLib", LIB),
+                                             ("LoGoNetSegmentLib", SEGMENT_DIR / "LoGoNetSegmentLib"),
                                              ("LoGoNetTrainLib", TRAIN_DIR / "LoGoNetTrainLib")])
 def test_every_library_lists_its_submodules_for_reload(package, folder):
     import importlib
@@ -185,7 +186,8 @@ print("reloaded", len(modules))
     assert result.stdout.strip().startswith("reloaded ")
 
 
-@pytest.mark.parametrize("module, library", [("LoGoNetSegment", "LoGoNetSegmentLib"), ("LoGoNetTrain", "LoGoNetTrainLib")])
+@pytest.mark.parametrize("module, library", [("LoGoNetSegment", "LoGoNetSegmentLib"),
+                                             ("LoGoNetTrain", "LoGoNetTrainLib")])
 def test_reload_reloads_the_libraries_before_the_module_file(mrml, monkeypatch, module, library):  # noqa: F811
     import importlib
 

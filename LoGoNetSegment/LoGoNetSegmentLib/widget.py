@@ -238,7 +238,8 @@ class SegmentWidget(ModuleWidget):
         finally:
             self.logic.installing = False
             self.updateButtons()
-        if result is not None and result.restart_needed and self.askYesNo(_("Packages were updated. Restart Slicer now?")):
+        restart = _("Packages were updated. Restart Slicer now?")
+        if result is not None and result.restart_needed and self.askYesNo(restart):
             slicer.util.restart()
 
     def askYesNo(self, question: str) -> bool:
@@ -344,7 +345,8 @@ class SegmentWidget(ModuleWidget):
     def onExportDicomSeg(self) -> None:
         """DICOM SEG through Slicer's DICOM export dialog (``slicer.qSlicerDICOMExportDialog``)."""
         with self.errors(_("DICOM SEG export failed")):
-            export_dicom_seg(self.ui.outputSegmentationSelector.currentNode(), self.ui.inputVolumeSelector.currentNode())
+            export_dicom_seg(self.ui.outputSegmentationSelector.currentNode(),
+                             self.ui.inputVolumeSelector.currentNode())
 
     def onEditInSegmentEditor(self) -> None:
         segmentation = self.ui.outputSegmentationSelector.currentNode()

@@ -114,8 +114,9 @@ class TrainWidget(ModuleWidget):
         ui = self.ui
         mode = ui.modeSelector.currentData
         roi = int(ui.roiSpinBox.value)
+        data = ui.unlabeledDataPathLineEdit if mode == PRETRAIN else ui.labeledDataPathLineEdit
         return TrainSettings(
-            mode=mode, data_dir=(ui.unlabeledDataPathLineEdit if mode == PRETRAIN else ui.labeledDataPathLineEdit).currentPath,
+            mode=mode, data_dir=data.currentPath,
             out_dir=ui.outputPathLineEdit.currentPath, preset=ui.presetSelector.currentText,
             epochs=int(ui.epochsSpinBox.value), roi=(roi, roi, roi), lr=float(ui.learningRateSpinBox.value),
             device=ui.deviceSelector.currentData,
