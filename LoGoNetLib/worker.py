@@ -56,6 +56,11 @@ class WorkerLogic:
         if installed.restart_needed:
             raise LoGoNetError("Python packages were updated: restart Slicer, then try again")
 
+    def cancel(self) -> None:
+        """Kill the running task's worker now (a training run is better stopped: ``stop()`` keeps a checkpoint)."""
+        if self.task is not None:
+            self.task.cancel()
+
     def launch(self, task: Task, command: Sequence[str], log: Log = no_log, wait: bool = True,
                on_event: Optional[Callable[[Dict], None]] = None,
                on_finished: Optional[Callable[[BackgroundProcess], None]] = None,

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,28 @@ def test_fake_run_parses_progress_charts_and_registers(train_env, tmp_path):
     assert task.model_entry is not None and task.model_entry.path == tmp_path / "out" / "best"
     assert task.model_entry.id in [entry.id for entry in catalog.models()]
     assert catalog.find(task.model_entry.id).labels[0]["name"] == "liver"
+
+
+def test_training_runs_share_the_task_base_cancel_and_an_event_pumping_wait(train_env, tmp_path, monkeypatch):
+    """One Task base for every run: a training run can be cancelled like a segmentation, and waiting for it
+    keeps Slicer's events flowing (both were missing from the training task before)."""
+    from LoGoNetLib.process import Task
+    from LoGoNetSegmentLib.logic import SampleTask, SegmentTask
+    from LoGoNetTrainLib.logic import TrainSettings, TrainTask
+
+    assert all(issubclass(cls, Task) for cls in (TrainTask, SegmentTask, SampleTask))
+    mrml, logic, catalog, data = train_env
+    pumped = []
+    monkeypatch.setattr(mrml.slicer, "app", types.SimpleNamespace(processEvents=lambda: pumped.append(1)))
+    monkeypatch.setenv("FAKE_LOGONET_DELAY", "0.5")
+    task = logic.start(TrainSettings(data_dir=str(data), out_dir=str(tmp_path / "out"), epochs=50,
+                                     roi=(32, 32, 32)), waitForCompletion=False)
+    deadline = time.monotonic() + 60
+    while task.poll() and not task.history and time.monotonic() < deadline:
+        time.sleep(0.05)
+    logic.cancel()
+    assert task.wait(timeout=60) == "cancelled" and pumped
+    assert task.model_entry is None and catalog.models() == []
 
 
 def test_fake_stop_leaves_checkpoint_and_resume_continues(train_env, tmp_path, monkeypatch):

@@ -257,10 +257,6 @@ class SegmentLogic(WorkerLogic):
             raise LoGoNetError(task.error_message or "segmentation failed")
         return task
 
-    def cancel(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-
     # ------------------------------------------------------------------------------------------ sample CT
     def load_sample_ct(self, waitForCompletion: bool = True, logCallback: Optional[Callable[[str], None]] = None,
                        completedCallback: Optional[Callable[["SampleTask"], None]] = None) -> "SampleTask":
