@@ -16,7 +16,6 @@ import numpy as np
 import slicer
 import vtk
 
-from logonet.atomic import write_json_atomic
 from logonet.data.labels import parse_label_names  # MSD {"1": "liver"} and nnU-Net {"liver": 1}
 
 from .errors import LoGoNetError, from_core
@@ -355,19 +354,15 @@ def add_to_training_set(volume_node, segmentation_node, dataset_dir, case_id: Op
     if not storage.WriteData(volume_node):
         raise LoGoNetError(f"could not write {image_path}")
 
-    meta.setdefault("name", dataset_dir.name)
-    meta.setdefault("description", "Cases added from 3D Slicer (LoGoNetTrain 'Add to training set')")
-    meta["channel_names"] = meta.get("channel_names") or {"0": "CT"}
-    if all(str(key).isdigit() for key in meta.get("labels") or {"x": 0}):  # keep the folder's own form (MSD)
-        meta["labels"] = {"0": "background", **{str(v): n for n, v in ordered}}
-    else:
-        meta["labels"] = {"background": 0, **{n: v for n, v in ordered}}
+    training = None
     if isinstance(meta.get("training"), list):  # an MSD folder lists its cases: the new pair must be listed too
         entry = {"image": f"./imagesTr/{image_path.name}", "label": f"./labelsTr/{label_path.name}"}
-        meta["training"] = [e for e in meta["training"] if e.get("label") != entry["label"]] + [entry]
-        meta["numTraining"] = len(meta["training"])
-    else:
-        meta["numTraining"] = len([p for p in label_dir.iterdir() if p.name.endswith(".nii.gz")])
-    meta["file_ending"] = ".nii.gz"
-    write_json_atomic(meta, meta_path)
+        training = [e for e in meta["training"] if e.get("label") != entry["label"]] + [entry]
+    # the core's one dataset.json writer; a new folder gets nnU-Net's label form, an existing one keeps its own
+    from logonet.data.datasets import write_dataset_json  # SimpleITK and numpy (Slicer's own), never torch
+
+    write_dataset_json(dataset_dir, {v: n for n, v in ordered}, training,
+                       description="Cases added from 3D Slicer (LoGoNetTrain 'Add to training set')",
+                       existing=meta or {"labels": {"background": 0}},
+                       extra={"channel_names": meta.get("channel_names") or {"0": "CT"}, "file_ending": ".nii.gz"})
     return {"image": image_path, "label": label_path, "dataset_json": meta_path, "case_id": case_id}
