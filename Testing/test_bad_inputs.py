@@ -543,8 +543,11 @@ def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path, card):
         raise ValueError("a bug, not a user mistake")
 
     monkeypatch.setattr(infer, "plan_jobs", broken)
+    monkeypatch.setenv("LOGONET_LOG_DIR", str(tmp_path / "logs"))
     with pytest.raises(ValueError, match="a bug"):
         cli.main(seg(tmp_path, card, good_ct(tmp_path), tmp_path / "o.nii.gz"))
+    (log,) = (tmp_path / "logs").glob("crash-*.log")  # and the traceback is kept in a log file
+    assert "ValueError: a bug, not a user mistake" in log.read_text()
 
 
 def test_environment_oserror_is_one_line(monkeypatch, tmp_path, card, capsys):

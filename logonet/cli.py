@@ -98,7 +98,11 @@ def _fail(command: str, args: argparse.Namespace, message: str) -> int:
 
 
 def crash_log_dir() -> Path:
-    """Where tracebacks of unexpected errors are kept: ``<user cache>/logonet/logs``."""
+    """Where tracebacks of unexpected errors are kept: ``$LOGONET_LOG_DIR``, else ``<user cache>/logonet/logs``."""
+    import os
+
+    if os.environ.get("LOGONET_LOG_DIR"):
+        return Path(os.environ["LOGONET_LOG_DIR"]).expanduser()
     from .data.sample import default_cache_dir
 
     return default_cache_dir().parent / "logs"
