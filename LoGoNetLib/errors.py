@@ -62,4 +62,4 @@ def error_boundary(what: str, show: Show) -> Iterator[None]:
         show(f"{what}: {error}", traceback.format_exc())
 
 
-__all__ = ["LoGoNetError", "from_core", "failure_message", "error_boundary"]
+__all__ = ["LOG", "LoGoNetError", "from_core", "failure_message", "error_boundary"]

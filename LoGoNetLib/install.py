@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
-from .errors import LoGoNetError
+from .errors import LOG, LoGoNetError
 
 #: (distribution, import name, minimum version). torch first: it comes from the PyTorch extension.
 REQUIREMENTS: Tuple[Tuple[str, str, str], ...] = (
@@ -126,6 +126,7 @@ class DependencyInstaller:
                     flags = " --no-deps" if item.distribution == "monai" else ""
                     self.pip_install(f'"{item.requirement}"{flags}')
             except Exception as error:  # pip/network problems: report, do not crash the module
+                LOG.warning("installing %s failed", item.requirement, exc_info=True)  # the details, for a report
                 result.problems.append(f"installing {item.requirement} failed: {error}")
                 continue
             result.installed.append(item.requirement)

@@ -11,6 +11,7 @@ import slicer
 from slicer.i18n import tr as _
 
 from LoGoNetLib.catalog import ModelCatalog
+from LoGoNetLib.errors import LOG
 from LoGoNetLib.gui import DEVICE_CHOICES, ModuleWidget, ask_without_busy_cursor, busy_cursor, organ_summary
 from LoGoNetLib.parameters import segment_parameters
 
@@ -25,6 +26,7 @@ def demo_organs(catalog=None) -> str:
         demo = next((entry for entry in (catalog or ModelCatalog()).bundled() if entry.id == "demo" and entry.usable),
                     None)
     except Exception:  # a broken installation must not stop the module from loading
+        LOG.warning("the bundled demo model could not be read", exc_info=True)
         demo = None
     return f"{len(demo.labels)} abdominal organs" if demo is not None else "abdominal organs"
 
