@@ -2,7 +2,9 @@
 # The bundled default model and the scratch-vs-SSL comparison behind it (Resources/Models/demo/REPRODUCE.md).
 #   scripts/default_model.sh data              # synthetic training + validation sets, SSL volume folder
 #   scripts/default_model.sh pretrain          # masked SSL on every unlabeled volume at hand
-#   scripts/default_model.sh finetune ARM SEED # ARM: scratch | ssl; writes runs/default-ARM-sSEED
+#   scripts/default_model.sh finetune ARM SEED # ARM: scratch | ssl | demo; writes runs/default-ARM-sSEED
+#       demo: a curriculum, continuing from the one-scan demo model (real scan only, 900 steps; the card in
+#       Resources/Models/demo at commit d30a54f, weights sha256 a7ba98d1...) at half the learning rate
 #   scripts/default_model.sh evaluate ARM SEED # logonet segment + evaluate on the unseen DICOM series and the
 #                                              # training scan (after training: never feeds back into it)
 #   scripts/default_model.sh table             # both arms' per-organ tables (markdown) from those CSVs
@@ -18,6 +20,10 @@ COMMON=(--model logonet --preset T --spacing 3 --roi 64 --samples 2 --crop-by cl
 
 case "${1:-}" in
   data)
+    if [ ! -f "$RUNS/stage1-demo/model.json" ]; then  # stage 1 of the demo arm: the one-scan model (REPRODUCE.md)
+      mkdir -p "$RUNS/stage1-demo"
+      git archive d30a54f Resources/Models/demo | tar -x --strip-components=3 -C "$RUNS/stage1-demo"
+    fi
     $LOGONET demo --prepare-data "$RUNS/default-real"                      # the sample CT, BTCV labels
     [ -f "$RUNS/default-synth/dataset.json" ] || $LOGONET synth sample "$RUNS/default-synth" --cases 60 --seed 0
     [ -f "$RUNS/default-synth-val/dataset.json" ] || $LOGONET synth sample "$RUNS/default-synth-val" --cases 6 --seed 1
@@ -32,11 +38,13 @@ case "${1:-}" in
     ;;
   finetune)
     arm=${2:?scratch or ssl}; seed=${3:?seed}
-    init=(); [ "$arm" = ssl ] && init=(--init "$RUNS/default-ssl/best")
+    init=(); lr=4e-3
+    [ "$arm" = ssl ] && init=(--init "$RUNS/default-ssl/best")
+    [ "$arm" = demo ] && { init=(--init "${STAGE1:-$RUNS/stage1-demo}"); lr=2e-3; }
     out="$RUNS/default-$arm-s$seed"
     resume=(); [ -f "$out/checkpoint.pt" ] && resume=(--resume)
     $LOGONET finetune "$RUNS/default-real" "$RUNS/default-synth" --repeats 20 1 --val-data "$RUNS/default-synth-val" \
-      --out "$out" "${COMMON[@]}" --epochs 8 --warmup 1 --lr 4e-3 --val-every 2 --seed "$seed" \
+      --out "$out" "${COMMON[@]}" --epochs 8 --warmup 1 --lr $lr --val-every 2 --seed "$seed" \
       --name default --fp16-weights "${init[@]}" "${resume[@]}"
     ;;
   evaluate)
