@@ -12,6 +12,7 @@ import argparse
 import csv
 import io
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -415,57 +416,106 @@ def plan_jobs(input_path: Path, output_path: Path) -> List[Tuple[Path, Path]]:
     return jobs
 
 
+def torchrun_rank() -> Tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) as ``torchrun`` sets them; (0, 1, 0) in a plain process."""
+    return (int(os.environ.get("RANK", "0")), max(1, int(os.environ.get("WORLD_SIZE", "1"))),
+            int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _gather_on_rank0(payload: Any, rank: int, world: int) -> Optional[List[Any]]:
+    """Every rank's ``payload`` on rank 0 (None elsewhere), over a gloo group joined only now, after the work:
+    the inference itself needs no process group, and joining waits for the slowest rank."""
+    import datetime
+
+    import torch.distributed as tdist
+
+    joined = not tdist.is_initialized()
+    if joined:
+        tdist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world,
+                                 timeout=datetime.timedelta(hours=24))
+    try:
+        gathered: Optional[List[Any]] = [None] * world if rank == 0 else None
+        tdist.gather_object(payload, gathered, dst=0)
+        return gathered
+    finally:
+        if joined:
+            tdist.destroy_process_group()
+
+
 def run(args: argparse.Namespace) -> int:
+    """Segment one volume, or every case of a folder (batch mode). Under ``torchrun`` a batch is shared out by
+    rank (rank r takes cases r, r+W, ...), each case written once by its rank, and rank 0 writes the one summary
+    (``--stats``, the ``done`` event, the failures) after gathering the others' results."""
     from .atomic import check_output_file
     from .events import reporter_for
 
     reporter = reporter_for(args.progress)
     t0 = time.perf_counter()
-    jobs = plan_jobs(Path(args.input), Path(args.output))
+    rank, world, local_rank = torchrun_rank()
+    all_jobs = plan_jobs(Path(args.input), Path(args.output))
     if args.stats:
-        check_output_file(args.stats, "--stats", inputs=[src for src, _ in jobs] + [dst for _, dst in jobs])
-    if args.series and len(jobs) > 1:
+        check_output_file(args.stats, "--stats", inputs=[src for src, _ in all_jobs] + [dst for _, dst in all_jobs])
+    if args.series and len(all_jobs) > 1:
         raise UserError("--series picks a series of one DICOM folder; INPUT is a folder of volumes (batch mode)")
+    batch = len(all_jobs) > 1
+    if world > 1 and not batch and rank > 0:
+        return 0  # one volume: rank 0 segments it, the others have nothing to do
+    mine = list(range(rank, len(all_jobs), world))
+    jobs = [all_jobs[i] for i in mine]
+    device = args.device
+    if world > 1:
+        if rank > 0:
+            reporter = ProgressReporter("none")  # one report, rank 0's
+        if device in ("auto", "cuda") and torch.cuda.is_available():
+            device = f"cuda:{local_rank % torch.cuda.device_count()}"  # one GPU per local rank
     overlap = args.overlap if args.overlap is not None else (FAST_OVERLAP if args.fast else 0.5)
-    reporter.emit("start", total=len(jobs), model=str(args.model), device=str(args.device))
+    reporter.emit("start", total=len(all_jobs), model=str(args.model), device=str(device), world_size=world)
     t = time.perf_counter()
     reporter.emit("stage", stage="load_model")
-    predictor = Predictor(args.model, device=args.device, overlap=overlap, sw_batch_size=args.sw_batch,
-                          amp=args.amp, reporter=reporter)
+    predictor = Predictor(args.model, device=device, overlap=overlap, sw_batch_size=args.sw_batch,
+                          amp=args.amp, reporter=reporter) if jobs else None
     load_s = time.perf_counter() - t
-    rows: List[Dict[str, Any]] = []
-    results = []
-    failures: List[str] = []
-    for index, (src, dst) in enumerate(jobs):
-        if len(jobs) > 1:
-            reporter.emit("progress", step=index, total=len(jobs), stage="cases", case=str(src))
+    done: List[Tuple[int, Dict[str, Any]]] = []  # (index in all_jobs, result)
+    failures: List[Tuple[int, str]] = []
+    for index, (src, dst) in zip(mine, jobs):
+        if batch:
+            reporter.emit("progress", step=len(done) + len(failures), total=len(jobs), stage="cases", case=str(src))
         try:
             result = predictor.segment_file(src, dst, box=args.box, largest_component=args.largest_component,
                                             series=args.series)
         except UserError as error:
-            if len(jobs) == 1:
+            if not batch:
                 raise
             # Batch mode: one bad case must not cost the others; every failure is listed at the end.
-            failures.append(f"{src.name}: {error}")
+            failures.append((index, f"{src.name}: {error}"))
             predictor._warn(f"case {src} failed, going on with the next: {error}")
             continue
-        results.append(result)
-        rows += [{"case": src.name, **row} for row in result["volumes"]]
+        done.append((index, result))
         timing_text = ", ".join(f"{k} {v:.2f}s" for k, v in result["timings"].items())
         if reporter.mode != "jsonl":
-            print(f"{src} -> {dst} ({timing_text})", file=sys.stderr)
-    if len(jobs) > 1:
+            print(f"{src} -> {dst} ({timing_text})" + (f" [rank {rank}]" if world > 1 else ""), file=sys.stderr)
+    if batch:
         reporter.emit("progress", step=len(jobs), total=len(jobs), stage="cases")
+    if world > 1 and batch:
+        gathered = _gather_on_rank0((done, failures), rank, world)
+        if rank > 0:
+            return 0
+        done = sorted((item for part in gathered or [] for item in part[0]), key=lambda item: item[0])
+        failures = sorted((item for part in gathered or [] for item in part[1]), key=lambda item: item[0])
+    results = [result for _, result in done]
+    rows = [{"case": Path(result["input"]).name, **row} for result in results for row in result["volumes"]]
     if args.stats and results:
         _write_stats(rows, args.stats)
     if failures:
-        raise UserError(f"{len(failures)} of {len(jobs)} cases failed ({len(results)} written): "
-                        + " | ".join(failures))
+        raise UserError(f"{len(failures)} of {len(all_jobs)} cases failed ({len(results)} written): "
+                        + " | ".join(message for _, message in failures))
     timings = {"load_model": round(load_s, 3), **{k: round(sum(r["timings"][k] for r in results), 3)
                                                   for k in results[0]["timings"]},
                "total": round(time.perf_counter() - t0, 3)}
-    reporter.emit("done", outputs=[r["output"] for r in results], device=str(predictor.device), timings=timings)
+    where = str(predictor.device) if predictor is not None else str(device)
+    reporter.emit("done", outputs=[r["output"] for r in results], device=where, timings=timings,
+                  **({"world_size": world} if world > 1 else {}))
     if reporter.mode != "jsonl":
-        print("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()) + f" on {predictor.device}",
-              file=sys.stderr)
+        print("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()) + f" on {where}"
+              + (f" ({world} ranks; model loading and total of rank 0)" if world > 1 else ""), file=sys.stderr)
     return 0
