@@ -353,10 +353,11 @@ class SegmentWidget(ModuleWidget):
     def onEditInSegmentEditor(self) -> None:
         segmentation = self.ui.outputSegmentationSelector.currentNode()
         volume = self.ui.inputVolumeSelector.currentNode()
-        slicer.util.selectModule("SegmentEditor")
-        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
-        editor.setSegmentationNode(segmentation)
-        editor.setSourceVolumeNode(volume)  # Slicer >= 5.2 (this extension needs 5.8)
+        with self.errors(_("The Segment Editor could not be opened")):
+            slicer.util.selectModule("SegmentEditor")
+            editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+            editor.setSegmentationNode(segmentation)
+            editor.setSourceVolumeNode(volume)  # Slicer >= 5.2 (this extension needs 5.8)
 
 
 __all__ = ["SegmentWidget", "demo_organs", "UI_FILE"]

@@ -233,7 +233,8 @@ class TrainWidget(ModuleWidget):
         if self.task is None or self.task.chart is None:
             slicer.util.infoDisplay(_("The chart appears after the first epoch."))
             return
-        slicer.modules.plots.logic().ShowChartInLayout(self.task.chart.chart)
+        with self.errors(_("The chart could not be shown")):
+            slicer.modules.plots.logic().ShowChartInLayout(self.task.chart.chart)
 
     def onAddToTrainingSet(self) -> None:
         ui = self.ui
