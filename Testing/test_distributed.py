@@ -1,4 +1,16 @@
-"""Scale-out on CPU: batch segmentation under torchrun (``python -m torch.distributed.run``) shards the cases by rank.
+"""Scale-out on CPU: torchrun (``python -m torch.distributed.run``, gloo) trains like one process with the same
+global batch, writes one set of model cards (rank 0's), and batch segmentation shards the cases by rank.
+
+Why the fine-tune comparison is exact (to float tolerance) and what it needs:
+
+- the loader's order is the seeded permutation of each epoch in both cases (``loader.make_loader``), so at every
+  step the union of the 2 ranks' batches (``--batch 1`` each) is the one process's batch (``--batch 2``);
+- BatchNorm normalises by the statistics of the whole global batch on CPU too (``CpuSyncBatchNorm``), and DDP
+  averages the ranks' gradients, which is the gradient of the one process's mean loss;
+- the crops are deterministic: the 32^3 phantoms at 3 mm are padded to the 32^3 ROI, so every crop is the whole
+  volume, and ``--no-augment``. Random crops and augmentations are drawn per rank (seed + rank), so with them two
+  ranks see other crops than one process: the same distribution, not the same numbers. A case count that the
+  world size does not divide would also differ (DistributedSampler pads the last step with repeated cases).
 """
 from __future__ import annotations
 
@@ -11,6 +23,10 @@ from pathlib import Path
 
 import pytest
 import torch
+
+FINETUNE = ["--model", "logonet", "--preset", "T", "--roi", "32", "--spacing", "3", "--device", "cpu",
+            "--progress", "jsonl", "--val-fraction", "0", "--no-augment", "--seed", "0", "--samples", "2",
+            "--epochs", "2", "--warmup", "0", "--lr", "1e-3", "--cache", "none", "--val-every", "1"]
 
 
 def _env(**extra: str) -> dict:
@@ -32,6 +48,112 @@ def _metrics(folder: Path) -> list:
 
 def _events(text: str) -> list:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_train_like_one_process_with_the_same_global_batch(make_phantom_dataset, tmp_path):
+    data = make_phantom_dataset(cases=4, size=32, seed=0)
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = subprocess.run([sys.executable, "-m", "logonet", "finetune", str(data), "--out", str(one),
+                             "--batch", "2", *FINETUNE], capture_output=True, text=True, timeout=900, env=_env())
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = subprocess.run(_torchrun(2, "finetune", str(data), "--out", str(two), "--batch", "1", *FINETUNE),
+                         capture_output=True, text=True, timeout=900, env=_env())
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+
+    a, b = _metrics(one), _metrics(two)
+    assert [r["epoch"] for r in a] == [r["epoch"] for r in b] == ["1", "2"]
+    for ra, rb in zip(a, b):
+        assert float(rb["loss"]) == pytest.approx(float(ra["loss"]), rel=1e-4, abs=1e-6), (ra, rb)
+        assert float(rb["lr"]) == pytest.approx(float(ra["lr"]), rel=1e-6)
+        assert float(rb["dice"]) == pytest.approx(float(ra["dice"]), rel=1e-3, abs=1e-4), (ra, rb)
+    assert float(a[1]["loss"]) < float(a[0]["loss"])  # it trained: the comparison is not of two idle runs
+
+    # One report and one set of cards: rank 0 writes, rank 1 stays silent.
+    events = _events(ddp.stdout)
+    assert [e["world_size"] for e in events if e["event"] == "start"] == [2]
+    assert [e["step"] for e in events if e["event"] == "epoch"] == [1, 2]
+    assert len([e for e in events if e["event"] == "done"]) == 1
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir()) == \
+        ["best", "checkpoint.pt", "last", "metrics.csv", "metrics.png"]
+    for kind in ("best", "last"):
+        assert sorted(p.name for p in (two / kind).iterdir()) == sorted(p.name for p in (one / kind).iterdir())
+        meta = json.loads((two / kind / "model.json").read_text())
+        assert meta["training"]["world_size"] == 2
+    # The cards hold plain BatchNorm keys (the CPU sync layers only exist while training) and the same trained
+    # weights, up to Adam's noise: where the true gradient is zero (a convolution's bias in front of BatchNorm),
+    # float rounding decides the sign of an lr-sized step, so such weights may differ by up to 2 lr per step.
+    # BatchNorm removes those directions while training, so the loss is unaffected; its running statistics record
+    # them (left out here), which is why the eval-mode Dice gets a looser tolerance than the loss.
+    from logonet import modelcard
+
+    w1 = modelcard.load(one / "last").build_model().state_dict()
+    w2 = modelcard.load(two / "last").build_model().state_dict()
+    assert w1.keys() == w2.keys()
+    steps, lr = 4, 1e-3
+    worst = max(float((w1[k] - w2[k]).abs().max()) for k in w1 if "running_" not in k and w1[k].is_floating_point())
+    assert worst <= 2 * lr * steps, worst
+
+
+def _sync_bn_worker(rank: int, world: int, init_file: str, result_file: str) -> None:
+    import torch.distributed as tdist
+
+    from logonet.train.distributed import convert_cpu_sync_batchnorm
+
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        x = torch.randn(4, 3, 5, 4, 3) * 3 + 1
+        layer = torch.nn.Sequential(torch.nn.Conv3d(3, 3, 1), torch.nn.BatchNorm3d(3))
+        layer = convert_cpu_sync_batchnorm(layer).train()
+        part = x[rank * 2:(rank + 1) * 2].clone().requires_grad_(True)
+        out = layer(part)
+        loss = (out * torch.arange(out.numel()).view_as(out).sin()).sum() / x.shape[0]  # weighted, not symmetric
+        loss.backward()
+        grads = [p.grad.clone() for p in layer.parameters()]
+        for g in grads:
+            tdist.all_reduce(g)  # what DDP does (here a sum: the loss is already divided by the global batch)
+        torch.save({"out": out.detach(), "x_grad": part.grad, "grads": grads,
+                    "running": (layer[1].running_mean.clone(), layer[1].running_var.clone()),
+                    "type": type(layer[1]).__name__}, f"{result_file}.{rank}")
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_cpu_sync_batchnorm_is_batchnorm_over_the_global_batch(tmp_path):
+    """Two gloo ranks with half the batch each: outputs, input gradients, parameter gradients and running
+    statistics equal plain BatchNorm over the whole batch in one process."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sync_bn_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "result")), nprocs=2, join=True)
+    torch.manual_seed(0)
+    x = (torch.randn(4, 3, 5, 4, 3) * 3 + 1).requires_grad_(True)
+    layer = torch.nn.Sequential(torch.nn.Conv3d(3, 3, 1), torch.nn.BatchNorm3d(3)).train()
+    out = layer(x)
+    (out * torch.cat([torch.arange(out[:2].numel()).view_as(out[:2]).sin()] * 2)).sum().div(4).backward()
+    results = [torch.load(f"{tmp_path / 'result'}.{rank}") for rank in range(2)]
+    assert {r["type"] for r in results} == {"CpuSyncBatchNorm"}
+    torch.testing.assert_close(torch.cat([r["out"] for r in results]), out.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([r["x_grad"] for r in results]), x.grad, rtol=1e-5, atol=1e-6)
+    for rank in range(2):
+        for got, want in zip(results[rank]["grads"], [p.grad for p in layer.parameters()]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(results[rank]["running"][0], layer[1].running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(results[rank]["running"][1], layer[1].running_var, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_sync_batchnorm_outside_a_group_is_plain_batchnorm():
+    from logonet.train.distributed import CpuSyncBatchNorm, convert_cpu_sync_batchnorm
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.BatchNorm3d(2))
+    keys = list(plain.state_dict())
+    synced = convert_cpu_sync_batchnorm(plain)
+    assert isinstance(synced[1], CpuSyncBatchNorm) and list(synced.state_dict()) == keys
+    reference = torch.nn.BatchNorm3d(2)
+    reference.load_state_dict(synced[1].state_dict())
+    x = torch.randn(2, 2, 4, 4, 4)
+    torch.testing.assert_close(synced[1](x), reference(x))
 
 
 @pytest.fixture(scope="module")

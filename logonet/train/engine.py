@@ -34,7 +34,7 @@ from ..errors import UserError
 from ..events import ProgressReporter
 from ..runtime import autocast, resolve_amp, seed_everything, select_device
 from .checkpoints import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .distributed import DistContext
+from .distributed import DistContext, convert_cpu_sync_batchnorm
 from .metrics import METRICS_CSV, write_metrics
 
 #: step_fn(model, batch, device) -> scalar loss, or (loss, {metric: float}) for extra per-step metrics.
@@ -99,8 +99,9 @@ class FitResult:
 class Engine:
     """Run ``config.epochs`` epochs of ``step_fn`` over ``train_loader`` with validation, checkpoints and resume.
 
-    ``model`` is moved to the device; under torchrun it is wrapped in DDP (SyncBatchNorm on CUDA; CPU/gloo
-    keeps plain BatchNorm because SyncBatchNorm needs a GPU, and DDP broadcasts rank 0's buffers instead).
+    ``model`` is moved to the device; under torchrun it is wrapped in DDP with BatchNorm over the global batch
+    (SyncBatchNorm on CUDA, :class:`~.distributed.CpuSyncBatchNorm` on CPU/gloo), so W ranks with batch B train
+    like one process with batch W*B.
     ``step_fn`` receives the wrapped model (so gradients synchronise); ``validate_fn`` and ``save_fn`` the
     unwrapped one, on rank 0 only. Output files in ``out_dir``: ``checkpoint.pt``, ``metrics.csv``,
     ``metrics.png`` (+ whatever ``save_fn`` writes). ``random_transforms`` (a MONAI ``Compose``) is re-seeded
@@ -134,6 +135,8 @@ class Engine:
 
             if self.device.type == "cuda":
                 self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            else:  # gloo: the same global-batch statistics (SyncBatchNorm itself refuses CPU tensors)
+                self.model = convert_cpu_sync_batchnorm(self.model)
             self.train_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=config.find_unused_parameters)

@@ -52,12 +52,17 @@ def _init_worker(worker_id: int) -> None:
 def make_loader(dataset: Any, batch_size: int, *, shuffle: bool = True, dist: Optional[DistContext] = None,
                 seed: int = 0, num_workers: int = 0, collate_fn: Optional[Callable] = None,
                 drop_last: bool = False) -> torch.utils.data.DataLoader:
-    """A DataLoader that shards with a DistributedSampler under torchrun (the engine calls ``set_epoch``)."""
+    """A DataLoader whose order is the seeded permutation of each epoch (the engine calls ``set_epoch``), sharded
+    by rank under torchrun: rank r takes items r, r+W, ... of it. One process with batch W*B therefore sees, step
+    for step, the union of what W ranks with batch B see (when W divides the dataset; else DistributedSampler pads).
+    The order depends only on (seed, epoch), so a resumed run repeats it."""
     sampler = None
     if dist is not None and dist.distributed:
         sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank,
                                                       shuffle=shuffle, seed=seed, drop_last=drop_last)
-    # No private generator: shuffling draws from torch's global RNG, which checkpoints save and resume restores.
+    elif shuffle:
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed,
+                                                      drop_last=drop_last)
     kwargs: Dict[str, Any] = {}
     if collate_fn is not None:
         kwargs["collate_fn"] = collate_fn
