@@ -127,6 +127,11 @@ def parse_model_kwargs(text: Optional[str]) -> Dict[str, Any]:
     return kwargs
 
 
+def _as_list(value: Any) -> Any:
+    """A number as a one-item list (the API accepts ``roi=64`` as well as ``roi=[64]``); None and sequences as given."""
+    return [value] if isinstance(value, (int, float)) else (None if value is None else list(value))
+
+
 def describe_call(function: str, config: TrainingConfig) -> str:
     """``logonet.train.finetune.finetune(FinetuneConfig(data=[...], out='...'))``: the API call, every field
     that differs from its default spelled out, for the card when no command line was given."""
@@ -148,7 +153,7 @@ class TrainingSession:
         if config.epochs < 1:
             raise UserError(f"--epochs must be at least 1, got {config.epochs}")
         self.config = config
-        self.roi = options.roi_argument(list(config.roi), DEFAULT_ROI)
+        self.roi = options.roi_argument(_as_list(config.roi), DEFAULT_ROI)
         self.model_info()  # an unknown network is refused before any data is read
         self.out = Path(config.out)
         self.reporter: ProgressReporter = reporter_for(config.progress)
@@ -198,7 +203,7 @@ class TrainingSession:
         defaults = PreprocessConfig.preset(preset)
         window = tuple(self.config.window) if self.config.window else defaults.intensity_window
         return PreprocessConfig.preset(
-            preset, spacing=options.triple_argument(self.config.spacing, "spacing", defaults.spacing),
+            preset, spacing=options.triple_argument(_as_list(self.config.spacing), "spacing", defaults.spacing),
             intensity_window=window, roi_size=self.roi, num_samples=self.config.samples, **overrides)
 
     # -- the distributed part ------------------------------------------------------------------------------
