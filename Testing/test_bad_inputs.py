@@ -491,7 +491,7 @@ def counted(monkeypatch) -> Dict[str, int]:
         return real_read(*args, **kwargs)
 
     monkeypatch.setattr(modelcard, "load", load)
-    monkeypatch.setattr(io, "read_image", read_image)
+    monkeypatch.setattr(volumes, "read_image", read_image)
     return counts
 
 

@@ -217,7 +217,7 @@ def test_persistent_cache_skips_preprocessing_on_the_second_epoch(cases, tmp_pat
     def no_reading(*args, **kwargs):
         raise AssertionError("volume read again although it is cached")
 
-    monkeypatch.setattr(io, "read_image", no_reading)
+    monkeypatch.setattr(volumes, "read_image", no_reading)
     second = [cached_dataset(items, train_transforms(cfg), tmp_path / "cache")[i][0]["image"].shape
               for i in range(len(ds))]
     assert first == second
