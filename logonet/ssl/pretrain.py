@@ -45,24 +45,27 @@ class PretrainConfig(TrainingConfig):
     """``logonet pretrain`` as a value: the shared :class:`~logonet.train.session.TrainingConfig` (crops per
     volume 2, no cache by default) plus the options below (same names and defaults as the command line)."""
 
-    data: str = ""
+    data: str = ""  # a folder of volumes (any layout datasets.discover knows; labels are ignored)
     samples: int = 2
     cache: str = "none"
     repeats: int = 1
+    # backbone and head: the backbone's output width, a MONAI backbone's feature_size, the slice axis
     features: int = 32
     feature_size: Optional[int] = None
     slice_axis: int = 2
+    head_grid: int = 1
+    # pseudo-labels: N k-means clusterers with K drawn from [k_min, k_max] (paper: 80, 80..500)
     clusterers: int = 80
     k_min: int = 80
     k_max: int = 500
     cluster_fraction: float = 0.1
     cluster_passes: int = 3
-    pseudolabels: Optional[str] = None
+    pseudolabels: Optional[str] = None  # default OUT/pseudolabels
+    # masking and loss (paper: phi1 0.1, M = chain 5, phi2 0.7, tau 0.1)
     phi1: float = 0.1
     chain: int = 5
     phi2: float = 0.7
     tau: float = 0.1
-    head_grid: int = 1
 
 
 # ----------------------------------------------------------------------------------------------------------
