@@ -286,17 +286,3 @@ def test_count_windows_is_what_monai_sliding_window_visits(shape, roi, overlap):
     sliding_window_inference(torch.zeros(1, 1, *shape), roi, 1, predictor, overlap=overlap)
     assert sum(seen) == infer.count_windows(shape, roi, overlap)
 
-
-class _DepthMean(torch.nn.Module):
-    """Every voxel gets its window's mean along the slice axis: shows what fills a window past the volume."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(dim=-1, keepdim=True).expand_as(x).clone()
-
-
-def test_a_volume_thinner_than_the_window_is_padded_with_its_edge_slices():
-    # 4 slices of ones in an 8-slice window: zero padding would halve the scores (0.5), edge padding keeps 1.
-    image = torch.ones(1, 1, 8, 8, 4)
-    logits = infer.sliding_window_logits(_DepthMean(), image, (8, 8, 8), device=torch.device("cpu"), overlap=0.25)
-    assert logits.shape == (1, 1, 8, 8, 4)
-    assert torch.allclose(logits, torch.ones_like(logits), atol=1e-6)

@@ -53,9 +53,9 @@ def sliding_window_logits(model: torch.nn.Module, image: torch.Tensor, roi: Sequ
                           on_window: Optional[Callable[[], None]] = None) -> torch.Tensor:
     """Class scores for a whole volume: ``image`` (1, 1, X, Y, Z) -> (1, C, X, Y, Z) float32 on ``stitch_device``.
 
-    A volume thinner than the window (a 20-slice series) is padded by repeating its edge slices, not with zeros:
-    the organs then continue into the padding as a network trained on whole scans expects (on a 40 mm slab cut
-    from the demo model's own training scan, zero padding gave a mean Dice of 0.03 and edge padding 0.37).
+    A volume thinner than the window (a 20-slice series) is padded with zeros, as training pads its thin
+    synthetic slabs: padding must match training (a model trained on whole scans does better with edge
+    padding, one trained on zero-padded slabs much worse; see Resources/Models/demo/REPRODUCE.md).
     Windows of ``roi`` run on ``device`` (autocast with ``amp_dtype`` when given) and are blended with a
     Gaussian weight map on ``stitch_device`` (default: ``device``). ``on_window`` is called per batch of windows.
     """
@@ -73,7 +73,7 @@ def sliding_window_logits(model: torch.nn.Module, image: torch.Tensor, roi: Sequ
     with torch.no_grad():
         return sliding_window_inference(torch.as_tensor(image).float(), tuple(int(r) for r in roi), sw_batch_size,
                                         predictor, overlap=overlap, mode="gaussian", sw_device=device,
-                                        device=stitch_device or device, padding_mode="replicate")
+                                        device=stitch_device or device)
 
 
 # ----------------------------------------------------------------------------------------------------------
