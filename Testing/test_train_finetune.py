@@ -87,6 +87,9 @@ def test_finetune_learns_then_resumes(two_organ_data, tmp_path, capsys):
                                                   "crop_foreground"}  # no runtime or augmentation field
     assert modelcard.load(out / "best").meta["metrics"]["val_mean_dice"] == pytest.approx(best)
     assert modelcard.load(out / "last").meta["training"]["epochs"] == 4
+    # The card records the command line as typed (cli.main's argv), not the test runner's sys.argv.
+    assert modelcard.load(out / "last").meta["training"]["command"].startswith(
+        f"logonet finetune {data} --out {out} --epochs 4 --repeats 2")
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert len(rows) == 4 and "dice_liver" in rows[0]
     assert (out / "metrics.png").stat().st_size > 1000
@@ -225,15 +228,22 @@ def test_remapped_labels_keep_the_deterministic_steps_cacheable(two_organ_data):
     assert all(set(torch.unique(crop["label"]).tolist()) <= {0, 1, 2} for crop in train_tf(dict(case)))
 
 
-def test_same_seed_same_run(make_phantom_dataset, tmp_path, capsys):
-    """--seed fixes weights, crop positions and batch order: two runs log the same losses; another seed differs."""
+def test_same_seed_same_run(make_phantom_dataset, tmp_path):
+    """The typed API: --seed fixes weights, crop positions and batch order (two runs log the same losses; another
+    seed differs), and the card records the call itself with its non-default fields."""
+    from logonet.train.finetune import FinetuneConfig
+    from logonet.train.finetune import finetune as run_finetune
+
     data = make_phantom_dataset(cases=2, size=32, seed=0)
     losses = {}
-    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
-        argv = [*COMMON, "--epochs", "1", "--lr", "5e-3", "--cache", "none"]
-        argv[argv.index("--seed") + 1] = seed
-        assert cli.main(["finetune", str(data), "--out", str(tmp_path / name), *argv]) == 0
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        config = FinetuneConfig(data=[str(data)], out=str(tmp_path / name), model="ulkanet", preset="T", roi=[32],
+                                samples=4, spacing=[3.0], device="cpu", progress="none", val_fraction=0.0,
+                                augment="none", seed=seed, epochs=1, lr=5e-3, cache="none")
+        assert run_finetune(config) == 0
         with open(tmp_path / name / "metrics.csv") as handle:
             losses[name] = [row["loss"] for row in csv.DictReader(handle)]
-    capsys.readouterr()
+    command = modelcard.load(tmp_path / "c" / "last").meta["training"]["command"]
+    assert command.startswith(f"logonet.train.finetune.finetune(FinetuneConfig(data=['{data}'], out='{tmp_path / 'c'}'")
+    assert "seed=1" in command and "lr=0.005" in command and "cache='none'" in command and "weight_decay" not in command
     assert losses["a"] == losses["b"] and losses["a"] != losses["c"]
