@@ -80,3 +80,18 @@ def test_modules_loaded_by_slicer_stay_torch_free() -> None:
             "print(sorted(m for m in ('torch', 'monai', 'nibabel') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert out.strip() == "[]"
+
+
+def test_no_function_in_the_core_is_longer_than_60_lines():
+    """Issue 13's rule, measured by scripts/function_lengths.py (ast: from ``def`` or decorator to last line)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("function_lengths", root / "scripts" / "function_lengths.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    lengths = module.function_lengths(root / "logonet")
+    assert len(lengths) > 300  # it measured the package, not an empty folder
+    too_long = [(n, where) for n, where in lengths if n > module.LIMIT]
+    assert not too_long, too_long

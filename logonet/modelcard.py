@@ -177,6 +177,39 @@ def load_model(spec: Union[str, PathLike]) -> ModelCard:
     return load(resolve(spec))
 
 
+
+def _tensors_to_store(model: Union[nn.Module, Mapping[str, torch.Tensor]],
+                      dtype: Optional[torch.dtype]) -> Dict[str, torch.Tensor]:
+    """CPU copies of the weights, floating ones in ``dtype`` when given (safetensors refuses shared storage)."""
+    state = model.state_dict() if isinstance(model, nn.Module) else dict(model)
+    tensors: Dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        value = value.detach().to("cpu")
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        tensors[key] = value.contiguous().clone()
+    return tensors
+
+
+def _card_meta(name: str, description: str, architecture: Mapping[str, Any], labels: Sequence[Mapping[str, Any]],
+               preprocessing: Mapping[str, Any], training: Optional[Mapping[str, Any]],
+               metrics: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """``model.json``'s content, before the weights hash is added."""
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "name": name, "description": description,
+        "architecture": {"name": architecture["name"], "preset": architecture.get("preset"),
+                         "in_channels": int(architecture.get("in_channels", 1)),
+                         "out_channels": int(architecture["out_channels"]),
+                         "kwargs": dict(architecture.get("kwargs") or {})},
+        "labels": [dict(entry) for entry in labels],
+        "preprocessing": {"orientation": "RAS", **{k: (list(v) if isinstance(v, tuple) else v)
+                                                   for k, v in preprocessing.items()}},
+        "training": dict(training or {}),
+        "metrics": dict(metrics or {}),
+        "logonet_version": __version__,
+    }
+
 def save(out_dir: PathLike, model: Union[nn.Module, Mapping[str, torch.Tensor]], *, name: str,
          architecture: Mapping[str, Any], labels: Sequence[Mapping[str, Any]],
          preprocessing: Mapping[str, Any], training: Optional[Mapping[str, Any]] = None,
@@ -193,27 +226,8 @@ def save(out_dir: PathLike, model: Union[nn.Module, Mapping[str, torch.Tensor]],
     from .data.volumes import sha256_file
 
     out_dir = Path(out_dir)
-    state = model.state_dict() if isinstance(model, nn.Module) else dict(model)
-    tensors: Dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        value = value.detach().to("cpu")
-        if dtype is not None and value.is_floating_point():
-            value = value.to(dtype)
-        tensors[key] = value.contiguous().clone()  # safetensors refuses shared or strided storage
-    meta: Dict[str, Any] = {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
-        "name": name, "description": description,
-        "architecture": {"name": architecture["name"], "preset": architecture.get("preset"),
-                         "in_channels": int(architecture.get("in_channels", 1)),
-                         "out_channels": int(architecture["out_channels"]),
-                         "kwargs": dict(architecture.get("kwargs") or {})},
-        "labels": [dict(entry) for entry in labels],
-        "preprocessing": {"orientation": "RAS", **{k: (list(v) if isinstance(v, tuple) else v)
-                                                   for k, v in preprocessing.items()}},
-        "training": dict(training or {}),
-        "metrics": dict(metrics or {}),
-        "logonet_version": __version__,
-    }
+    tensors = _tensors_to_store(model, dtype)
+    meta = _card_meta(name, description, architecture, labels, preprocessing, training, metrics)
     validate_meta(json.loads(json.dumps(meta)), out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=str(out_dir.parent)))

@@ -253,6 +253,43 @@ def run(args: argparse.Namespace) -> int:
     return run_single(args)
 
 
+def _model_rows(args: argparse.Namespace, specs: Sequence[str], device: torch.device, runs: int,
+                reporter: Any) -> List[Dict[str, Any]]:
+    """One row per network; a network that fails (e.g. CUDA out of memory) is a reported row, not the end."""
+    rows: List[Dict[str, Any]] = []
+    for index, spec in common.iterate_jobs(reporter, specs, "models"):
+        reporter.emit("stage", stage="model", model=spec)
+        try:
+            rows.append(measure_model(spec, args.size, args.out_channels, device, args.warmup, runs))
+        except (RuntimeError, ValueError, MemoryError) as error:
+            rows.append({"model": spec, "size": args.size, "status": f"failed: {type(error).__name__}: {error}"[:160]})
+            reporter.emit("warning", message=f"{spec}: {error}")
+        common.release_memory()
+    return rows
+
+
+def _single_notes(rows: Sequence[Dict[str, Any]], ref: Optional[Dict[str, Any]],
+                  sections: Dict[str, Any]) -> List[str]:
+    """The verdict lines under the tables: LoGoNet-S against SwinUNETR-48 and the batched local branch."""
+    notes = []
+    swin = next((r for r in rows if r["model"] == "swinunetr" and r.get("status") == "ok"), None)
+    if ref and swin:
+        value = ref["forward_s"] / swin["forward_s"]
+        notes.append(f"LoGoNet-S / SwinUNETR-48 forward time: {value:.2f}x: target <= 0.6x "
+                     f"{common.verdict(value <= 0.6)} (the paper reports 0.87x on a GPU).")
+    if "speed_local.csv" in sections:
+        local = sections["speed_local.csv"].rows[0]
+        notes.append(f"Batched local branch speed-up over the loop: {local['speedup_vs_loop']:.2f}x: target >= 1.3x "
+                     f"{common.verdict(local['speedup_vs_loop'] >= 1.3)}.")
+    if "speed_variants.csv" in sections:
+        by_variant = {r["variant"]: r.get("median_s") for r in sections["speed_variants.csv"].rows}
+        bf16 = common.ratio(by_variant.get("LoGoNet-S bfloat16 autocast"),
+                            by_variant.get("SwinUNETR-48 bfloat16 autocast"))
+        if bf16 == bf16:  # not NaN
+            notes.append(f"Both in bfloat16 autocast: LoGoNet-S / SwinUNETR-48 = {bf16:.2f}x.")
+    return notes
+
+
 def run_single(args: argparse.Namespace) -> int:
     """One thread count in this process: the networks, and unless skipped the variants and the operator profile."""
     from ..errors import UserError
@@ -266,15 +303,7 @@ def run_single(args: argparse.Namespace) -> int:
     with_compile = bool(args.compile) if args.compile is not None else not args.quick
     machine = common.describe_machine(device)
     reporter.emit("start", total=len(specs), benchmark="speed", device=str(device))
-    rows: List[Dict[str, Any]] = []
-    for index, spec in common.iterate_jobs(reporter, specs, "models"):
-        reporter.emit("stage", stage="model", model=spec)
-        try:
-            rows.append(measure_model(spec, args.size, args.out_channels, device, args.warmup, runs))
-        except (RuntimeError, ValueError, MemoryError) as error:  # e.g. CUDA out of memory: reported, not fatal
-            rows.append({"model": spec, "size": args.size, "status": f"failed: {type(error).__name__}: {error}"[:160]})
-            reporter.emit("warning", message=f"{spec}: {error}")
-        common.release_memory()
+    rows = _model_rows(args, specs, device, runs, reporter)
     for row in rows:
         row.update(threads=args.threads, load=args.load_label)
     ref = add_ratios(rows)
@@ -311,22 +340,7 @@ def run_single(args: argparse.Namespace) -> int:
         sections["speed_ops.csv"] = common.Section(
             f"{args.op_profile} operators by self CPU time", ops, OPS_COLUMNS, "speed_ops.csv",
             note=f"torch.profiler over {runs} forward passes after {args.warmup} warm-up; self time per forward.")
-    notes = []
-    swin = next((r for r in rows if r["model"] == "swinunetr" and r.get("status") == "ok"), None)
-    if ref and swin:
-        value = ref["forward_s"] / swin["forward_s"]
-        notes.append(f"LoGoNet-S / SwinUNETR-48 forward time: {value:.2f}x: target <= 0.6x "
-                     f"{common.verdict(value <= 0.6)} (the paper reports 0.87x on a GPU).")
-    if "speed_local.csv" in sections:
-        local = sections["speed_local.csv"].rows[0]
-        notes.append(f"Batched local branch speed-up over the loop: {local['speedup_vs_loop']:.2f}x: target >= 1.3x "
-                     f"{common.verdict(local['speedup_vs_loop'] >= 1.3)}.")
-    if "speed_variants.csv" in sections:
-        by_variant = {r["variant"]: r.get("median_s") for r in sections["speed_variants.csv"].rows}
-        bf16 = common.ratio(by_variant.get("LoGoNet-S bfloat16 autocast"),
-                            by_variant.get("SwinUNETR-48 bfloat16 autocast"))
-        if bf16 == bf16:  # not NaN
-            notes.append(f"Both in bfloat16 autocast: LoGoNet-S / SwinUNETR-48 = {bf16:.2f}x.")
+    notes = _single_notes(rows, ref, sections)
     return common.finish(args, reporter, "speed", "Speed and size", machine, list(sections.values()), notes)
 
 
@@ -435,6 +449,13 @@ def series_notes(rows: Sequence[Dict[str, Any]], threads: Sequence[int]) -> List
     return notes
 
 
+def _floats(rows: List[Dict[str, Any]], keys: Sequence[str]) -> None:
+    """CSV text back to numbers in place (empty cells become None)."""
+    for row in rows:
+        for key in keys:
+            row[key] = float(row[key]) if row.get(key) not in (None, "") else None
+
+
 def run_series(args: argparse.Namespace, threads: List[int]) -> int:
     """Every (round, threads, load) measurement in a fresh process, in turns; the scaling table, each
     measurement's networks table and the operator profiles, all in ``OUT``."""
@@ -474,14 +495,10 @@ def run_series(args: argparse.Namespace, threads: List[int]) -> int:
         if r == 0 and (folder / "speed_ops.csv").is_file():
             ops += common.read_csv(folder / "speed_ops.csv")
     rows = scaling_rows(measured, specs, threads, loads)
-    for row in ops:
-        for key in ("self_ms", "share", "calls"):
-            row[key] = float(row[key]) if row.get(key) not in (None, "") else None
+    _floats(ops, ("self_ms", "share", "calls"))
     network_columns = [("threads", "threads", ""), ("load", "load", ""), ("round", "round", "")] + \
         [c for c in MODEL_COLUMNS if c[0] in ("model", "forward_s", "peak_mib", "time_ratio", "status")]
-    for row in networks:
-        for key in ("forward_s", "peak_mib", "time_ratio"):
-            row[key] = float(row[key]) if row.get(key) not in (None, "") else None
+    _floats(networks, ("forward_s", "peak_mib", "time_ratio"))
     sections = [
         common.Section(f"Thread scaling at 1x1x{args.size}^3 (base: {threads[0]} thread(s))", rows, THREADS_COLUMNS,
                        "speed_threads.csv",
