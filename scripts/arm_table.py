@@ -14,13 +14,17 @@ from pathlib import Path
 from typing import Dict, List
 
 
+#: scratch and SSL-initialised (the comparison), demo: the curriculum from the one-scan model
+ARMS = ("scratch", "ssl", "demo")
+
+
 def read_dice(path: Path) -> Dict[str, float]:
     with path.open() as handle:
         return {row["name"]: float(row["dice"]) for row in csv.DictReader(handle)}
 
 
 def runs_of(root: Path) -> List[Path]:
-    found = [p for arm in ("scratch", "ssl") for p in sorted(root.glob(f"default-{arm}-s*"))
+    found = [p for arm in ARMS for p in sorted(root.glob(f"default-{arm}-s*"))
              if (p / "eval" / "unseen_dice.csv").is_file()]
     if not found:
         raise SystemExit(f"no evaluated runs under {root} (run scripts/default_model.sh evaluate ARM SEED)")
@@ -30,7 +34,7 @@ def runs_of(root: Path) -> List[Path]:
 def table(runs: List[Path], which: str) -> str:
     dice = {run.name: read_dice(run / "eval" / f"{which}_dice.csv") for run in runs}
     organs = [name for name in next(iter(dice.values())) if name != "mean"]
-    arms = {arm: [r.name for r in runs if r.name.startswith(f"default-{arm}-")] for arm in ("scratch", "ssl")}
+    arms = {arm: [r.name for r in runs if r.name.startswith(f"default-{arm}-")] for arm in ARMS}
     head = ["organ"] + [r.name.replace("default-", "") for r in runs] + [f"{a} mean" for a in arms if arms[a]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for organ in organs + ["mean"]:

@@ -7,6 +7,8 @@
 #       Resources/Models/demo at commit d30a54f, weights sha256 a7ba98d1...) at half the learning rate
 #   scripts/default_model.sh evaluate ARM SEED # logonet segment + evaluate on the unseen DICOM series and the
 #                                              # training scan (after training: never feeds back into it)
+#   scripts/default_model.sh synthval MODEL    # mean Dice of a model card on the synthetic validation set (the
+#                                              # selection figure; same segment + evaluate as for real scans)
 #   scripts/default_model.sh table             # both arms' per-organ tables (markdown) from those CSVs
 # Every stage is resumable: run the same line again after an interruption.
 # Never used here: the sample's DICOM series and aorta_report scan (the unseen test scans).
@@ -56,6 +58,14 @@ case "${1:-}" in
     $LOGONET segment "$SAMPLE/example_ct.nii.gz" "$run/eval/training_seg.nii.gz" --model "$run/best"
     $LOGONET evaluate "$run/eval/training_seg.nii.gz" "$SAMPLE/example_ct_btcv.nii.gz" --no-hausdorff \
       --csv "$run/eval/training_dice.csv"
+    ;;
+  synthval)
+    model=${2:?model card folder}; out="$model/../synthval-$(basename "$model")"
+    $LOGONET segment "$RUNS/default-synth-val/imagesTr" "$out" --model "$model" >/dev/null
+    for seg in "$out"/*.nii.gz; do
+      $LOGONET evaluate "$seg" "$RUNS/default-synth-val/labelsTr/$(basename "$seg")" --no-hausdorff --csv "${seg%.nii.gz}.csv" >/dev/null
+    done
+    ${PYTHON:-.venv/bin/python} -c 'import csv,sys,statistics as s; m=[float(list(csv.DictReader(open(f)))[-1]["dice"]) for f in sys.argv[1:]]; print(f"synthetic-validation mean Dice {s.mean(m):.4f} over {len(m)} cases")' "$out"/*.csv
     ;;
   table)
     ${PYTHON:-.venv/bin/python} scripts/arm_table.py "$RUNS"
