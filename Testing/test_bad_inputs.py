@@ -866,10 +866,17 @@ def test_sigkill_during_checkpoint_write_then_resume(tmp_path):
     assert engine.start_epoch == saved["epoch"] and result.epochs_done == saved["epoch"] + 1
 
 
+def _default_sigint() -> None:
+    # A child inherits an ignored SIGINT, and Python then installs no KeyboardInterrupt handler: under the full
+    # suite (pytest-xdist) the test process can hold SIGINT ignored, and the interrupted child ran on for minutes.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _segment_process(tmp_path: Path, card: Path, source: Path, out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "logonet", "segment", str(source), str(out), "--model", str(card),
                              "--device", "cpu", "--progress", "jsonl", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path,
+                            preexec_fn=_default_sigint if os.name == "posix" else None)
 
 
 def test_sigint_during_segment_leaves_nothing(tmp_path, card):
@@ -878,13 +885,18 @@ def test_sigint_during_segment_leaves_nothing(tmp_path, card):
     src = volumes.write_image(big, tmp_path / "ct.nii.gz")
     out_dir = tmp_path / "out"
     out_dir.mkdir()
+    parent_sigint = signal.getsignal(signal.SIGINT)  # in the message if the child ignores the interrupt
     proc = _segment_process(tmp_path, card, src, out_dir / "seg.nii.gz", "--overlap", "0.95")
     for line in proc.stdout:
         if '"stage": "inference"' in line:
             break
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"segment ignored SIGINT (this process's SIGINT handler: {parent_sigint!r})")
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert list(out_dir.iterdir()) == []
