@@ -11,7 +11,8 @@
 #                                              # selection figure; same segment + evaluate as for real scans)
 #   scripts/default_model.sh table             # both arms' per-organ tables (markdown) from those CSVs
 # Every stage is resumable: run the same line again after an interruption.
-# Never used here: the sample's DICOM series and aorta_report scan (the unseen test scans).
+# Never trained on nor used to choose anything: the sample's DICOM series and aorta_report scan (the unseen
+# test scans); only the evaluate stage reads the DICOM series, after training, to report it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LOGONET=${LOGONET:-.venv/bin/logonet}
@@ -52,12 +53,12 @@ case "${1:-}" in
   evaluate)
     run="$RUNS/default-${2:?scratch or ssl}-s${3:?seed}"
     SAMPLE=${SAMPLE:-$HOME/.cache/logonet/sample}
-    $LOGONET segment "$SAMPLE/example_ct_dicom" "$run/eval/unseen_seg.nii.gz" --model "$run/best"
-    $LOGONET evaluate "$run/eval/unseen_seg.nii.gz" "$SAMPLE/example_seg_dicom_btcv.nii.gz" --no-hausdorff \
-      --csv "$run/eval/unseen_dice.csv"
-    $LOGONET segment "$SAMPLE/example_ct.nii.gz" "$run/eval/training_seg.nii.gz" --model "$run/best"
-    $LOGONET evaluate "$run/eval/training_seg.nii.gz" "$SAMPLE/example_ct_btcv.nii.gz" --no-hausdorff \
-      --csv "$run/eval/training_dice.csv"
+    score() {  # score CT REFERENCE NAME: segment CT with the run's best card, Dice against REFERENCE
+      $LOGONET segment "$1" "$run/eval/$3_seg.nii.gz" --model "$run/best"
+      $LOGONET evaluate "$run/eval/$3_seg.nii.gz" "$2" --no-hausdorff --csv "$run/eval/$3_dice.csv"
+    }
+    score "$SAMPLE/example_ct_dicom" "$SAMPLE/example_seg_dicom_btcv.nii.gz" unseen
+    score "$SAMPLE/example_ct.nii.gz" "$SAMPLE/example_ct_btcv.nii.gz" training
     ;;
   synthval)
     model=${2:?model card folder}; out="$model/../synthval-$(basename "$model")"
@@ -70,5 +71,5 @@ case "${1:-}" in
   table)
     ${PYTHON:-.venv/bin/python} scripts/arm_table.py "$RUNS"
     ;;
-  *) sed -n 2,10p "$0"; exit 2 ;;
+  *) sed -n '2,/^# test scans/p' "$0"; exit 2 ;;
 esac
