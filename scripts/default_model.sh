@@ -5,6 +5,8 @@
 #   scripts/default_model.sh finetune ARM SEED # ARM: scratch | ssl | demo; writes runs/default-ARM-sSEED
 #       demo: a curriculum, continuing from the one-scan demo model (real scan only, 900 steps; the card in
 #       Resources/Models/demo at commit d30a54f, weights sha256 a7ba98d1...) at half the learning rate
+#       demo3: stage 3 of that curriculum, continuing from default-demo-s0 with 60 more synthetic CTs (seed 2),
+#       on NPROC=2 torchrun ranks (one core each), 15 epochs at a quarter of the learning rate
 #   scripts/default_model.sh evaluate ARM SEED # logonet segment + evaluate on the unseen DICOM series and the
 #                                              # training scan (after training: never feeds back into it)
 #   scripts/default_model.sh synthval MODEL    # mean Dice of a model card on the synthetic validation set (the
@@ -21,6 +23,14 @@ RUNS=${RUNS:-runs}
 COMMON=(--model logonet --preset T --spacing 3 --roi 64 --samples 2 --crop-by classes --batch 1
         --overlap 0.25 --amp bf16 --grad-clip 12 --progress jsonl)
 
+launch() {  # the logonet command, on NPROC torchrun ranks (gloo, one thread each) when NPROC > 1
+  if [ "${NPROC:-1}" -gt 1 ]; then
+    ${PYTHON:-.venv/bin/python} -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node="$NPROC" -m logonet "$@"
+  else
+    $LOGONET "$@"
+  fi
+}
+
 case "${1:-}" in
   data)
     if [ ! -f "$RUNS/stage1-demo/model.json" ]; then  # stage 1 of the demo arm: the one-scan model (REPRODUCE.md)
@@ -29,6 +39,7 @@ case "${1:-}" in
     fi
     $LOGONET demo --prepare-data "$RUNS/default-real"                      # the sample CT, BTCV labels
     [ -f "$RUNS/default-synth/dataset.json" ] || $LOGONET synth sample "$RUNS/default-synth" --cases 60 --seed 0
+    [ -f "$RUNS/default-synth2/dataset.json" ] || $LOGONET synth sample "$RUNS/default-synth2" --cases 60 --seed 2
     [ -f "$RUNS/default-synth-val/dataset.json" ] || $LOGONET synth sample "$RUNS/default-synth-val" --cases 6 --seed 1
     mkdir -p "$RUNS/default-ssl-volumes"                                   # images only: labels are not used
     cp "$RUNS"/default-real/imagesTr/*.nii.gz "$RUNS"/default-synth/imagesTr/*.nii.gz "$RUNS/default-ssl-volumes/"
@@ -40,14 +51,18 @@ case "${1:-}" in
       --seed 0 --progress jsonl "${resume[@]}"
     ;;
   finetune)
-    arm=${2:?scratch or ssl}; seed=${3:?seed}
-    init=(); lr=4e-3
+    arm=${2:?scratch, ssl, demo or demo3}; seed=${3:?seed}
+    init=(); lr=4e-3; data=("$RUNS/default-real" "$RUNS/default-synth"); repeats=(20 1); epochs=(--epochs 8 --val-every 2)
     [ "$arm" = ssl ] && init=(--init "$RUNS/default-ssl/best")
     [ "$arm" = demo ] && { init=(--init "${STAGE1:-$RUNS/stage1-demo}"); lr=2e-3; }
+    if [ "$arm" = demo3 ]; then
+      init=(--init "${STAGE2:-$RUNS/default-demo-s0/best}"); lr=1e-3; NPROC=${NPROC:-2}
+      data+=("$RUNS/default-synth2"); repeats+=(1); epochs=(--epochs 15 --val-every 3)
+    fi
     out="$RUNS/default-$arm-s$seed"
     resume=(); [ -f "$out/checkpoint.pt" ] && resume=(--resume)
-    $LOGONET finetune "$RUNS/default-real" "$RUNS/default-synth" --repeats 20 1 --val-data "$RUNS/default-synth-val" \
-      --out "$out" "${COMMON[@]}" --epochs 8 --warmup 1 --lr $lr --val-every 2 --seed "$seed" \
+    launch finetune "${data[@]}" --repeats "${repeats[@]}" --val-data "$RUNS/default-synth-val" \
+      --out "$out" "${COMMON[@]}" "${epochs[@]}" --warmup 1 --lr $lr --seed "$seed" \
       --name default --fp16-weights "${init[@]}" "${resume[@]}"
     ;;
   evaluate)
