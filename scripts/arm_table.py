@@ -2,7 +2,9 @@
 
 Reads RUNS/default-{scratch,ssl}-sSEED/eval/{unseen,training}_dice.csv (written by
 ``scripts/default_model.sh evaluate``) and each run's best card (synthetic-validation Dice, the only figure that
-chose the checkpoint, and wall time). Usage: ``python scripts/arm_table.py [RUNS]``.
+chose the checkpoint, and wall time). Usage: ``python scripts/arm_table.py [RUNS]``;
+``python scripts/arm_table.py --synthval DIR`` prints the mean Dice of the ``evaluate`` CSVs in DIR (one per
+synthetic validation case).
 """
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ from pathlib import Path
 from typing import Dict, List
 
 
-#: scratch and SSL-initialised (the comparison), demo: the curriculum from the one-scan model
-ARMS = ("scratch", "ssl", "demo")
+#: scratch and SSL-initialised (the comparison), demo/demo3: stages 2/3 of the curriculum from the one-scan model
+ARMS = ("scratch", "ssl", "demo", "demo3")
 
 
 def read_dice(path: Path) -> Dict[str, float]:
@@ -56,7 +58,17 @@ def run_facts(runs: List[Path]) -> str:
     return "\n".join(lines)
 
 
+def synthetic_validation(folder: Path) -> str:
+    means = [read_dice(csv_path)["mean"] for csv_path in sorted(folder.glob("*.csv"))]
+    if not means:
+        raise SystemExit(f"no evaluate CSVs in {folder}")
+    return f"synthetic-validation mean Dice {statistics.mean(means):.4f} over {len(means)} cases"
+
+
 def main(argv: List[str]) -> int:
+    if argv[:1] == ["--synthval"] and len(argv) == 2:
+        print(synthetic_validation(Path(argv[1])))
+        return 0
     runs = runs_of(Path(argv[0] if argv else "runs"))
     print("Unseen DICOM series (never trained on, never used to choose anything), Dice per organ:\n")
     print(table(runs, "unseen"))

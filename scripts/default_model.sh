@@ -81,7 +81,7 @@ case "${1:-}" in
     for seg in "$out"/*.nii.gz; do
       $LOGONET evaluate "$seg" "$RUNS/default-synth-val/labelsTr/$(basename "$seg")" --no-hausdorff --csv "${seg%.nii.gz}.csv" >/dev/null
     done
-    ${PYTHON:-.venv/bin/python} -c 'import csv,sys,statistics as s; m=[float(list(csv.DictReader(open(f)))[-1]["dice"]) for f in sys.argv[1:]]; print(f"synthetic-validation mean Dice {s.mean(m):.4f} over {len(m)} cases")' "$out"/*.csv
+    ${PYTHON:-.venv/bin/python} scripts/arm_table.py --synthval "$out"
     ;;
   table)
     ${PYTHON:-.venv/bin/python} scripts/arm_table.py "$RUNS"
