@@ -25,6 +25,13 @@ def _labeled_folder(root: Path) -> Path:
     return root
 
 
+def _wait_while_running(task, done, timeout_s: float = 30.0) -> None:
+    """Poll a running task (or BackgroundProcess) until ``done()`` is truthy, it ends, or the timeout passes."""
+    deadline = time.monotonic() + timeout_s
+    while task.poll() and not done() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def train_env(tmp_path, mrml):  # noqa: F811
     from LoGoNetLib.catalog import ModelCatalog
@@ -70,9 +77,7 @@ def test_training_runs_share_the_task_base_cancel_and_an_event_pumping_wait(trai
     monkeypatch.setenv("FAKE_LOGONET_DELAY", "0.5")
     task = logic.start(TrainSettings(data_dir=str(data), out_dir=str(tmp_path / "out"), epochs=50,
                                      roi=(32, 32, 32)), waitForCompletion=False)
-    deadline = time.monotonic() + 60
-    while task.poll() and not task.history and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _wait_while_running(task, lambda: task.history, timeout_s=60)
     logic.cancel()
     assert task.wait(timeout=60) == "cancelled" and pumped
     assert task.model_entry is None and catalog.models() == []
@@ -86,9 +91,7 @@ def test_fake_stop_leaves_checkpoint_and_resume_continues(train_env, tmp_path, m
     settings = TrainSettings(data_dir=str(data), out_dir=str(tmp_path / "out"), epochs=50, roi=(32, 32, 32))
     logs = []
     task = logic.start(settings, waitForCompletion=False, logCallback=logs.append)
-    deadline = time.monotonic() + 30
-    while task.poll() and task.checkpoint is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _wait_while_running(task, lambda: task.checkpoint is not None)
     sigints = []
     monkeypatch.setattr("LoGoNetLib.process.kill_tree", lambda *args: sigints.append(args))
     logic.stop(grace_s=30)
@@ -118,9 +121,7 @@ def test_a_worker_that_ignores_stop_is_ended_and_reported_resumable_not_failed(t
     settings = TrainSettings(data_dir=str(data), out_dir=str(tmp_path / "out"), epochs=500, roi=(32, 32, 32))
     logs = []
     task = logic.start(settings, waitForCompletion=False, logCallback=logs.append)
-    deadline = time.monotonic() + 30
-    while task.poll() and task.checkpoint_epoch is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _wait_while_running(task, lambda: task.checkpoint_epoch is not None)
     logic.stop(grace_s=0.5)
     assert task.wait(timeout=30) == "stopped"
     assert task.process.killed_after_stop and task.error_message is None
@@ -169,9 +170,7 @@ def test_stop_sends_exactly_one_sigint(monkeypatch, process_scan_fails):
 
         monkeypatch.setattr(psutil.Process, "children", scan_fails)
     process = BackgroundProcess([sys.executable, "-c", SIGINT_COUNTER]).start()
-    deadline = time.monotonic() + 30
-    while process.poll() and not process.events and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _wait_while_running(process, lambda: process.events)
     process.stop(grace_s=30)
     assert process.wait(timeout=30) == "stopped"
     assert process.events[-1]["message"] == "sigints=1"
@@ -361,9 +360,7 @@ def test_real_finetune_on_cases_added_from_the_scene_stop_resume_catalog(mrml, t
                                          "0.5", "--val-every", "3", "--cache", "none"))
     log = []
     task = logic.start(settings, waitForCompletion=False, logCallback=log.append)
-    deadline = time.monotonic() + 300
-    while task.poll() and not task.history and time.monotonic() < deadline:
-        time.sleep(0.1)
+    _wait_while_running(task, lambda: task.history, timeout_s=300)
     assert task.history and task.history[0]["step"] == 1 and "loss" in task.history[0], "\n".join(log[-20:])
     assert task.total_epochs == 3 and task.chart.rows == 1
     logic.stop(grace_s=120)
