@@ -6,7 +6,7 @@
 #       demo: a curriculum, continuing from the one-scan demo model (real scan only, 900 steps; the card in
 #       Resources/Models/demo at commit d30a54f, weights sha256 a7ba98d1...) at half the learning rate
 #       demo3: stage 3 of that curriculum, continuing from default-demo-s0 with 60 more synthetic CTs (seed 2),
-#       on NPROC=2 torchrun ranks (one core each), 15 epochs at a quarter of the learning rate
+#       on NPROC=2 torchrun ranks (one core each), 12 epochs at a quarter of the learning rate
 #   scripts/default_model.sh evaluate ARM SEED # logonet segment + evaluate on the unseen DICOM series and the
 #                                              # training scan (after training: never feeds back into it)
 #   scripts/default_model.sh synthval MODEL    # mean Dice of a model card on the synthetic validation set (the
@@ -57,7 +57,7 @@ case "${1:-}" in
     [ "$arm" = demo ] && { init=(--init "${STAGE1:-$RUNS/stage1-demo}"); lr=2e-3; }
     if [ "$arm" = demo3 ]; then
       init=(--init "${STAGE2:-$RUNS/default-demo-s0/best}"); lr=1e-3; NPROC=${NPROC:-2}
-      data+=("$RUNS/default-synth2"); repeats+=(1); epochs=(--epochs 15 --val-every 3)
+      data+=("$RUNS/default-synth2"); repeats+=(1); epochs=(--epochs 12 --val-every 3)
     fi
     out="$RUNS/default-$arm-s$seed"
     resume=(); [ -f "$out/checkpoint.pt" ] && resume=(--resume)
