@@ -55,18 +55,24 @@ FILES: Dict[str, str] = {
 }
 
 
-def default_cache_dir() -> Path:
-    """``$LOGONET_CACHE/sample``, else the platform's user cache folder + ``logonet/sample``."""
+def user_cache_dir() -> Path:
+    """logonet's user cache folder: ``$LOGONET_CACHE``, else the platform's (``~/.cache/logonet`` on Linux).
+
+    Everything cached lives in a subfolder of it: ``sample/`` (the sample CTs), ``engines/`` (exported networks,
+    :mod:`logonet.engines`), ``logs/`` (crash logs)."""
     env = os.environ.get("LOGONET_CACHE")
     if env:
-        return Path(env).expanduser() / "sample"
+        return Path(env).expanduser()
     if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local") / "logonet" / "Cache"
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Caches" / "logonet"
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "logonet"
-    return base / "sample"
+        return Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local") / "logonet" / "Cache"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "logonet"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "logonet"
+
+
+def default_cache_dir() -> Path:
+    """``$LOGONET_CACHE/sample``, else the platform's user cache folder + ``logonet/sample``."""
+    return user_cache_dir() / "sample"
 
 
 def _paths(root: Path) -> Dict[str, str]:
