@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from logonet import cli, infer, modelcard
 from logonet.data import volumes
 from logonet.data.labels import btcv_label_dicts
 from logonet.data.phantom import make_phantom, phantom_image
+from logonet.errors import UserError
 from logonet.events import ProgressReporter
 
 EVENTS = {"start", "stage", "progress", "epoch", "checkpoint", "warning", "done", "error"}
@@ -286,3 +288,18 @@ def test_count_windows_is_what_monai_sliding_window_visits(shape, roi, overlap):
     sliding_window_inference(torch.zeros(1, 1, *shape), roi, 1, predictor, overlap=overlap)
     assert sum(seen) == infer.count_windows(shape, roi, overlap)
 
+
+
+def test_default_overlap_is_the_one_the_cards_checkpoint_was_validated_at(card, tmp_path):
+    assert infer.Predictor(card, device="cpu").overlap == infer.DEFAULT_OVERLAP  # card without val_overlap
+    meta = json.loads((card / "model.json").read_text())
+    validated = tmp_path / "validated"
+    shutil.copytree(card, validated)
+    meta["metrics"] = {"val_overlap": 0.25}
+    (validated / "model.json").write_text(json.dumps(meta))
+    assert infer.Predictor(validated, device="cpu").overlap == 0.25
+    assert infer.Predictor(validated, device="cpu", overlap=0.6).overlap == 0.6  # an explicit --overlap wins
+    meta["metrics"] = {"val_overlap": 1.5}
+    (validated / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"metrics.val_overlap.*\[0, 1\).*1.5"):
+        infer.Predictor(validated, device="cpu")

@@ -136,6 +136,7 @@ def test_finetune_mixes_folders_with_their_repeats_and_validates_on_val_data(two
         [f"{other.name}/phantom_000"]
     assert training["val_cases"] == ["phantom_000"] and training["val_data"] == str(other.resolve())
     assert card.meta["metrics"]["val_source"] == "synthetic"  # --val-data is a logonet phantom folder
+    assert card.validated_overlap == 0.5  # the validator's --overlap: segment's default for this card
     assert card.meta["training"]["augmentation"]["augment"] == "nnunet"
     # --repeats must give one number, or one per folder.
     assert cli.main(["finetune", str(two_organ_data), str(other), "--repeats", "1", "2", "3",

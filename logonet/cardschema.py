@@ -123,6 +123,9 @@ def validate_meta(meta: Any, path: Path) -> Dict[str, Any]:
     out_channels = _check_architecture(meta, path)
     _check_labels(meta, path, out_channels)
     _check_preprocessing(meta, path)
+    overlap = meta.get("metrics", {}).get("val_overlap") if isinstance(meta.get("metrics"), dict) else None
+    if overlap is not None and not (_is_number(overlap) and 0.0 <= overlap < 1.0):
+        raise _fail(path, f'"metrics.val_overlap" must be a number in [0, 1), got {overlap!r}')
     return meta
 
 

@@ -5,6 +5,7 @@ Pipeline (docs/architecture.md): read (NIfTI/NRRD/MHA/DICOM) -> RAS + the card's
 blending (AMP on CUDA) -> argmax -> card label values -> nearest-neighbour back onto the input's exact grid
 -> optional largest connected component per organ -> written with the input's geometry and label names.
 CUDA out-of-memory falls back to stitching on the CPU, then to the CPU entirely; each fallback is logged.
+On the CPU the windows may run through another engine (``--engine``, :mod:`logonet.engines`).
 """
 from __future__ import annotations
 
@@ -22,12 +23,15 @@ import numpy as np
 import torch
 
 from . import modelcard
+from .engines import ENGINE_CHOICES
 from .errors import UserError
 from .events import ProgressReporter
 
 PathLike = Union[str, Path]
 #: Overlap of ``--fast`` (0.25 needs ~3x fewer windows than the paper's 0.5 in 3-D).
 FAST_OVERLAP = 0.25
+#: Sliding-window overlap for cards that do not record the overlap their validation Dice was measured at.
+DEFAULT_OVERLAP = 0.5
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -47,7 +51,7 @@ def count_windows(shape: Sequence[int], roi: Sequence[int], overlap: float) -> i
     return len(dense_patch_slices(padded, list(roi), scan_interval(padded, roi, overlap)))
 
 
-def sliding_window_logits(model: torch.nn.Module, image: torch.Tensor, roi: Sequence[int], *,
+def sliding_window_logits(model: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, roi: Sequence[int], *,
                           device: torch.device, overlap: float = 0.5, sw_batch_size: int = 4,
                           amp_dtype: Optional[torch.dtype] = None, stitch_device: Optional[torch.device] = None,
                           on_window: Optional[Callable[[], None]] = None) -> torch.Tensor:
@@ -58,6 +62,7 @@ def sliding_window_logits(model: torch.nn.Module, image: torch.Tensor, roi: Sequ
     padding, one trained on zero-padded slabs much worse; see Resources/Models/demo/REPRODUCE.md).
     Windows of ``roi`` run on ``device`` (autocast with ``amp_dtype`` when given) and are blended with a
     Gaussian weight map on ``stitch_device`` (default: ``device``). ``on_window`` is called per batch of windows.
+    ``model`` is the network or an engine's window callable (:func:`logonet.engines.window_forward`).
     """
     from monai.inferers import sliding_window_inference
 
@@ -192,8 +197,9 @@ class Predictor:
     >>> labels, timings = p.predict(sitk_image)        # SimpleITK label image on sitk_image's grid
     """
 
-    def __init__(self, model: PathLike = "demo", device: str = "auto", *, overlap: float = 0.5,
-                 sw_batch_size: int = 4, amp: str = "auto", reporter: Optional[ProgressReporter] = None) -> None:
+    def __init__(self, model: PathLike = "demo", device: str = "auto", *, overlap: Optional[float] = None,
+                 sw_batch_size: int = 4, amp: str = "auto", reporter: Optional[ProgressReporter] = None,
+                 engine: str = "torch") -> None:
         from .data.transforms import PreprocessConfig
         from .runtime import resolve_amp, select_device
 
@@ -201,6 +207,8 @@ class Predictor:
         if not self.card.labels:
             raise UserError(f"{self.card.path} is a pre-training model card without organ labels; "
                             "fine-tune it before segmenting")
+        if overlap is None:  # the overlap the card's checkpoint was chosen at; older cards: the usual 0.5
+            overlap = self.card.validated_overlap if self.card.validated_overlap is not None else DEFAULT_OVERLAP
         if not 0.0 <= overlap < 1.0:
             raise UserError(f"--overlap must be in [0, 1), got {overlap}")
         if sw_batch_size < 1:
@@ -212,6 +220,7 @@ class Predictor:
         self.reporter = reporter or ProgressReporter("none")
         self.cfg = PreprocessConfig.from_dict(self.card.preprocessing)
         self.net = self.card.build_model(self.device)
+        self.engine, self._window_forward = self._load_engine(engine)
         self._moved_to_cpu = False  # by the last out-of-memory fallback
         self.lookup = np.asarray(self.card.label_values, dtype=np.uint16)
 
@@ -221,6 +230,17 @@ class Predictor:
 
     def _warn(self, message: str) -> None:
         self.reporter.emit("warning", message=message)  # reaches stderr in every mode but jsonl
+
+    def _load_engine(self, requested: str) -> Tuple[str, Optional[Callable[[torch.Tensor], torch.Tensor]]]:
+        """The engine that runs the windows and its callable (None: the torch network itself). A missing package
+        or a failed export is one warning and torch; ``--amp bf16`` asks the engine for bf16."""
+        from . import engines
+
+        if (requested or "torch").lower() == "torch":
+            return "torch", None
+        self.reporter.emit("stage", stage="engine", engine=requested)
+        precision = "bf16" if self.amp_dtype == torch.bfloat16 else "fp32"
+        return engines.for_card(self.card, self.net, requested, self.device, precision=precision, notify=self._warn)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(1, 1, X, Y, Z) preprocessed -> (1, C, X, Y, Z) scores, with the CUDA out-of-memory fallbacks."""
@@ -244,7 +264,8 @@ class Predictor:
                 elif compute.type == "cuda" and self._moved_to_cpu:  # the next case of a batch tries the GPU again
                     self.net = self.net.to(compute)
                     self._moved_to_cpu = False
-                return sliding_window_logits(self.net, x, roi, device=compute, overlap=self.overlap,
+                forward = self.net if self._window_forward is None or compute.type != "cpu" else self._window_forward
+                return sliding_window_logits(forward, x, roi, device=compute, overlap=self.overlap,
                                              sw_batch_size=self.sw_batch_size,
                                              amp_dtype=self.amp_dtype if compute.type == "cuda" else None,
                                              stitch_device=stitch, on_window=tick)
@@ -353,7 +374,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                                          "a folder in batch mode")
     parser.add_argument("--model", default="demo", help="model card folder, a training output folder, or 'demo'")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default 0.5)")
+    parser.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: the overlap the model's validation Dice was measured at, "
+                             f"else {DEFAULT_OVERLAP})")
     parser.add_argument("--fast", action="store_true",
                         help=f"fewer windows: overlap {FAST_OVERLAP} unless --overlap is given")
     parser.add_argument("--box", default=None, metavar="x0,y0,z0,x1,y1,z1",
@@ -365,6 +387,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stats", default=None, metavar="CSV", help="write each organ's volume in mL")
     parser.add_argument("--sw-batch", type=int, default=4, help="windows per forward pass")
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
+    parser.add_argument("--engine", default="torch", choices=list(ENGINE_CHOICES),
+                        help="what runs the windows on the CPU: torch (default), openvino or onnxruntime (optional: "
+                             "pip install 'logonet[engines]'; exported once per model and window into the user "
+                             "cache), or auto (the first installed of the measured order, engines.AUTO_ORDER); "
+                             "a missing package means torch, with a notice")
     parser.add_argument("--progress", default=None, choices=["jsonl", "tqdm", "none"])
 
 
@@ -471,12 +498,12 @@ def run(args: argparse.Namespace) -> int:
             reporter = ProgressReporter("none")  # one report, rank 0's
         if device in ("auto", "cuda") and torch.cuda.is_available():
             device = f"cuda:{local_rank % torch.cuda.device_count()}"  # one GPU per local rank
-    overlap = args.overlap if args.overlap is not None else (FAST_OVERLAP if args.fast else 0.5)
+    overlap = args.overlap if args.overlap is not None else (FAST_OVERLAP if args.fast else None)
     reporter.emit("start", total=len(all_jobs), model=str(args.model), device=str(device), world_size=world)
     t = time.perf_counter()
     reporter.emit("stage", stage="load_model")
     predictor = Predictor(args.model, device=device, overlap=overlap, sw_batch_size=args.sw_batch,
-                          amp=args.amp, reporter=reporter) if jobs else None
+                          amp=args.amp, reporter=reporter, engine=getattr(args, "engine", "torch")) if jobs else None
     load_s = time.perf_counter() - t
     done, failures = _segment_jobs(predictor, args, list(zip(mine, jobs)), batch, reporter, rank, world)
     if world > 1 and batch:

@@ -86,6 +86,12 @@ class ModelCard:
         return self.meta["preprocessing"]
 
     @property
+    def validated_overlap(self) -> Optional[float]:
+        """The sliding-window overlap of the validation that chose this checkpoint (``segment``'s default)."""
+        value = self.meta.get("metrics", {}).get("val_overlap")
+        return None if value is None else float(value)
+
+    @property
     def spacing(self) -> Tuple[float, float, float]:
         return tuple(float(s) for s in self.preprocessing["spacing"])  # type: ignore[return-value]
 

@@ -309,7 +309,7 @@ def _card_writer(config: FinetuneConfig, run: TrainingSession, architecture: Map
         return {"model": net, "name": config.name or run.out.name, "architecture": architecture, "labels": entries,
                 "preprocessing": cfg.card_dict(), "description": f"{description} ({kind} epoch)",
                 "metrics": {"val_dice": per_class, "val_mean_dice": metrics.get("dice"), "val_source": val_source,
-                            "loss": metrics.get("loss")},
+                            "val_overlap": config.overlap, "loss": metrics.get("loss")},
                 "dtype": torch.float16 if config.fp16_weights else None}
 
     return card
