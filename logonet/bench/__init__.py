@@ -1,4 +1,5 @@
-"""``logonet bench speed | volume | accuracy | ssl | gpu | report``: benchmarks against the paper's peers.
+"""``logonet bench speed | volume | accuracy | ssl | gpu | engines | report``: benchmarks against the paper's peers,
+and of the CPU engines that can run LoGoNet.
 
 Each measuring sub-command writes ``OUT/<name>.md`` (its tables, the exact command, the machine), one CSV per
 table and ``OUT/<name>_machine.json``; ``--quick`` is the few-minute variant. ``report`` pastes the ``.md`` files
@@ -18,6 +19,8 @@ SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
     "ssl": ("selfsup", "SSL pre-training vs training from scratch with 2 and 4 labelled phantoms, several seeds"),
     "gpu": ("gpu", "the prepared one-GPU run: per-case time and memory (fp32/fp16/bf16/channels_last/compile), "
                    "out-of-memory fallback, training step"),
+    "engines": ("engines", "CPU engines per window: torch vs ONNX Runtime vs OpenVINO, fp32 and bf16; with "
+                           "--sample-ct the labels each gives on the sample CT"),
     "report": ("report", "paste the benchmark .md files into docs/benchmarks.md"),
 }
 
