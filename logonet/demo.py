@@ -95,14 +95,8 @@ def bundle(run_dir: Any, dest: Any = None, sample: Optional[Mapping[str, str]] =
                         "series or the aorta_report scan")
     training["reproduce"] = "see REPRODUCE.md next to this file"
     metrics = dict(card.meta.get("metrics") or {})
-    val_data = training.get("val_data")
-    if val_data:
-        from .data.datasets import is_synthetic
-
-        # Runs from before val_source knew "synthetic" recorded such validation as "held_out".
-        if Path(val_data).is_dir() and is_synthetic(val_data):
-            metrics["val_source"] = "synthetic"
-        training["val_data"] = Path(val_data).name  # a folder name, not this machine's path
+    if training.get("val_data"):
+        training["val_data"] = Path(training["val_data"]).name  # a folder name, not this machine's path
     with tempfile.TemporaryDirectory(prefix="logonet-bundle-") as tmp:
         for scan, prefix in (("ct", "training_scan"), ("dicom", "unseen")):
             result = measure(run_dir, scan, tmp, sample)
