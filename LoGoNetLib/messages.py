@@ -12,6 +12,7 @@ from typing import Callable, Dict, Mapping, Optional
 STAGE_WORDS: Dict[str, str] = {
     "start": "Starting",
     "load_model": "Loading the model",
+    "engine": "Preparing the CPU engine (the first run exports the model)",
     "read": "Reading the CT",
     "preprocess": "Preparing the CT",
     "inference": "Segmenting",

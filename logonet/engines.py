@@ -41,10 +41,12 @@ from .errors import UserError
 #: The engines ``--engine`` names (``auto`` picks one of them).
 ENGINES: Tuple[str, ...] = ("torch", "openvino", "onnxruntime")
 ENGINE_CHOICES: Tuple[str, ...] = ("auto",) + ENGINES
-#: ``--engine auto`` takes the first engine of this order whose package is installed. Set from the measured
-#: engine table in docs/benchmarks.md (``logonet bench engines``); until an engine has been measured to be at
-#: least 1.5x faster than torch with the same labels, torch alone.
-AUTO_ORDER: Tuple[str, ...] = ("torch",)
+#: ``--engine auto`` (segment's default) takes the first engine of this order whose package is installed. Set
+#: from the measured engine table in docs/benchmarks.md (``logonet bench engines``, 2 threads, 2026-12-03):
+#: OpenVINO fp32 ran a 64^3 window 1.9x (LoGoNet-T) / 1.8x (LoGoNet-S) faster than torch and the demo model's
+#: sample-CT inference 2.3x faster with 100% equal labels; ONNX Runtime was no faster (0.86-1.0x), so it is
+#: only used when asked for by name.
+AUTO_ORDER: Tuple[str, ...] = ("openvino", "torch")
 PRECISIONS: Tuple[str, ...] = ("fp32", "bf16")
 #: The Python package each optional engine needs, and how to get it.
 PACKAGES: Dict[str, str] = {"onnxruntime": "onnxruntime", "openvino": "openvino"}

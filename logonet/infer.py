@@ -387,11 +387,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stats", default=None, metavar="CSV", help="write each organ's volume in mL")
     parser.add_argument("--sw-batch", type=int, default=4, help="windows per forward pass")
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
-    parser.add_argument("--engine", default="torch", choices=list(ENGINE_CHOICES),
-                        help="what runs the windows on the CPU: torch (default), openvino or onnxruntime (optional: "
+    parser.add_argument("--engine", default="auto", choices=list(ENGINE_CHOICES),
+                        help="what runs the windows on the CPU: auto (default: OpenVINO if installed, else torch; "
+                             "the measured order engines.AUTO_ORDER), torch, openvino or onnxruntime (optional: "
                              "pip install 'logonet[engines]'; exported once per model and window into the user "
-                             "cache), or auto (the first installed of the measured order, engines.AUTO_ORDER); "
-                             "a missing package means torch, with a notice")
+                             "cache); a named engine whose package is missing means torch, with a notice")
     parser.add_argument("--progress", default=None, choices=["jsonl", "tqdm", "none"])
 
 
