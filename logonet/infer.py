@@ -236,11 +236,12 @@ class Predictor:
         or a failed export is one warning and torch; ``--amp bf16`` asks the engine for bf16."""
         from . import engines
 
-        if (requested or "torch").lower() == "torch":
+        engine = engines.resolve_engine(requested, self.device, notify=self._warn)
+        if engine == "torch":  # asked for, the auto choice, or the fallback (already told)
             return "torch", None
-        self.reporter.emit("stage", stage="engine", engine=requested)
+        self.reporter.emit("stage", stage="engine", engine=engine)
         precision = "bf16" if self.amp_dtype == torch.bfloat16 else "fp32"
-        return engines.for_card(self.card, self.net, requested, self.device, precision=precision, notify=self._warn)
+        return engines.for_card(self.card, self.net, engine, self.device, precision=precision, notify=self._warn)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(1, 1, X, Y, Z) preprocessed -> (1, C, X, Y, Z) scores, with the CUDA out-of-memory fallbacks."""
@@ -374,8 +375,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                                          "a folder in batch mode")
     parser.add_argument("--model", default="demo", help="model card folder, a training output folder, or 'demo'")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: the overlap the model's validation Dice was measured at, "
-                             f"else {DEFAULT_OVERLAP})")
+    parser.add_argument("--overlap", type=float, default=None,
+                        help="sliding-window overlap (default: the overlap the model's validation Dice was measured "
+                             f"at, else {DEFAULT_OVERLAP})")
     parser.add_argument("--fast", action="store_true",
                         help=f"fewer windows: overlap {FAST_OVERLAP} unless --overlap is given")
     parser.add_argument("--box", default=None, metavar="x0,y0,z0,x1,y1,z1",
@@ -503,7 +505,7 @@ def run(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     reporter.emit("stage", stage="load_model")
     predictor = Predictor(args.model, device=device, overlap=overlap, sw_batch_size=args.sw_batch,
-                          amp=args.amp, reporter=reporter, engine=getattr(args, "engine", "torch")) if jobs else None
+                          amp=args.amp, reporter=reporter, engine=args.engine) if jobs else None
     load_s = time.perf_counter() - t
     done, failures = _segment_jobs(predictor, args, list(zip(mine, jobs)), batch, reporter, rank, world)
     if world > 1 and batch:

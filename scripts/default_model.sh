@@ -2,7 +2,7 @@
 # The bundled default model and the scratch-vs-SSL comparison behind it (Resources/Models/demo/REPRODUCE.md).
 #   scripts/default_model.sh data              # synthetic training + validation sets, SSL volume folder
 #   scripts/default_model.sh pretrain          # masked SSL on every unlabeled volume at hand
-#   scripts/default_model.sh finetune ARM SEED # ARM: scratch | ssl | demo; writes runs/default-ARM-sSEED
+#   scripts/default_model.sh finetune ARM SEED # ARM: scratch | ssl | demo | demo3; writes runs/default-ARM-sSEED
 #       demo: a curriculum, continuing from the one-scan demo model (real scan only, 900 steps; the card in
 #       Resources/Models/demo at commit d30a54f, weights sha256 a7ba98d1...) at half the learning rate
 #       demo3: stage 3 of that curriculum, continuing from default-demo-s0 with 60 more synthetic CTs (seed 2),

@@ -69,13 +69,9 @@ def describe_machine(device: torch.device) -> Dict[str, Any]:
                 break
     except OSError:
         pass
-    try:
-        usable = len(os.sched_getaffinity(0))  # type: ignore[attr-defined]
-    except AttributeError:
-        usable = os.cpu_count() or 1
     info: Dict[str, Any] = {
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "cpu": cpu, "cpu_cores_usable": usable, "torch_threads": torch.get_num_threads(),
+        "cpu": cpu, "cpu_cores_usable": usable_cores(), "torch_threads": torch.get_num_threads(),
         "ram_gib": round(psutil.virtual_memory().total / 1024 ** 3, 1),
         "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "load_average_start": load_average(),
@@ -86,6 +82,26 @@ def describe_machine(device: torch.device) -> Dict[str, Any]:
         info["gpu"] = torch.cuda.get_device_name(device)
         info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 1024 ** 3, 1)
     return info
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))  # type: ignore[attr-defined]
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class WarningRecorder(ProgressReporter):
+    """A silent reporter that keeps the ``warning`` messages (a Predictor's fallback notices)."""
+
+    def __init__(self) -> None:
+        super().__init__("none")
+        self.messages: List[str] = []
+
+    def emit(self, event: str, step: Optional[int] = None, total: Optional[int] = None, **metrics: Any) -> None:
+        if event == "warning":
+            self.messages.append(str(metrics.get("message", "")))
 
 
 def load_average() -> Optional[List[float]]:

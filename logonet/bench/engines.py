@@ -10,7 +10,6 @@ pool and OpenVINO's inference threads alike). An engine whose package is missing
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -67,13 +66,6 @@ class EngineBenchConfig:
     seed: int = 0
 
 
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # type: ignore[attr-defined]
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--presets", default="T,S", help="comma-separated LoGoNet presets (default T,S)")
     parser.add_argument("--roi", type=int, default=None, help="window side (default: the --model card's window)")
@@ -113,11 +105,11 @@ def run(args: argparse.Namespace) -> int:
 def bench_engines(config: EngineBenchConfig) -> Dict[str, Any]:
     """Time every engine on one window per preset (and segment ``sample_ct``); print the tables, write them to
     ``config.out`` when given. Returns ``{"windows": rows, "sample": rows, "machine": ..., "notes": ...}``."""
-    from .. import engines, modelcard
+    from .. import modelcard
     from ..events import reporter_for
 
     _check(config)
-    threads = int(config.threads or usable_cores())
+    threads = int(config.threads or common.usable_cores())
     torch.set_num_threads(threads)
     reporter = reporter_for(config.progress)
     card = modelcard.load_model(config.model)
@@ -248,18 +240,6 @@ def measure_variant(net: torch.nn.Module, engine: str, precision: str, roi: Sequ
             "label_agreement": float((out.argmax(1) == reference.argmax(1)).float().mean()), "status": "ok"}
 
 
-class _Notices(ProgressReporter):
-    """A silent reporter that keeps the warnings (an engine's fallback notice)."""
-
-    def __init__(self) -> None:
-        super().__init__("none")
-        self.messages: List[str] = []
-
-    def emit(self, event: str, step: Optional[int] = None, total: Optional[int] = None, **metrics: Any) -> None:
-        if event == "warning":
-            self.messages.append(str(metrics.get("message", "")))
-
-
 def sample_rows(config: EngineBenchConfig, reporter: ProgressReporter) -> List[Dict[str, Any]]:
     """The CT segmented by ``config.model`` through each engine, labels compared with torch fp32's (the first)."""
     import numpy as np
@@ -281,7 +261,7 @@ def sample_rows(config: EngineBenchConfig, reporter: ProgressReporter) -> List[D
         reporter.emit("stage", stage="segment", engine=engine, precision=precision)
         row: Dict[str, Any] = {"model": config.model, "engine": engine, "precision": precision}
         why = SEGMENT_TORCH_BF16 if (engine, precision) == ("torch", "bf16") else _unavailable(engine, precision)
-        notices = _Notices()
+        notices = common.WarningRecorder()
         predictor = None if why else Predictor(config.model, device="cpu", amp="bf16" if precision == "bf16" else "off",
                                                engine=engine, reporter=notices)
         if predictor is not None and predictor.engine != engine:

@@ -114,7 +114,6 @@ def oom_fallback_row(spec: str, shape: Sequence[int], roi: int, device: torch.de
     """Segment with :class:`Predictor` while the GPU may use only ``fraction`` of its memory: the warnings name
     the fallback taken (stitch on the CPU, or the whole inference on the CPU)."""
     from .. import modelcard
-    from ..events import ProgressReporter
     from ..infer import Predictor
     from ..nets import parse_spec
 
@@ -123,30 +122,24 @@ def oom_fallback_row(spec: str, shape: Sequence[int], roi: int, device: torch.de
         row.update(path="-", status="skipped (no CUDA device)")
         return row
     name, preset = parse_spec(spec)
-    messages: List[str] = []
-
-    class Recorder(ProgressReporter):
-        def emit(self, event: str, **fields: Any) -> None:
-            if event == "warning":
-                messages.append(str(fields.get("message")))
-
+    recorder = common.WarningRecorder()
     with tempfile.TemporaryDirectory(prefix="logonet-bench-gpu-") as tmp:
         net = _build(spec, {}, torch.device("cpu"))
         labels = [{"value": v, "name": f"organ {v}"} for v in range(1, 14)]
         modelcard.save(Path(tmp) / "card", net, name="bench", labels=labels,
                        architecture={"name": name, "preset": preset, "in_channels": 1, "out_channels": 14, "kwargs": {}},
                        preprocessing={"spacing": list(PAPER_SPACING), "roi_size": [roi] * 3})
-        predictor = Predictor(Path(tmp) / "card", device=str(device), reporter=Recorder("none"))
+        predictor = Predictor(Path(tmp) / "card", device=str(device), reporter=recorder)
         common.release_memory()
         torch.cuda.set_per_process_memory_fraction(fraction, device)
         try:
             start = time.perf_counter()
             predictor.logits(torch.rand(1, 1, *shape))
             row["seconds"] = time.perf_counter() - start
-            row["path"] = messages[-1] if messages else "GPU (no fallback needed)"
+            row["path"] = recorder.messages[-1] if recorder.messages else "GPU (no fallback needed)"
             row["status"] = "ok"
         except Exception as error:
-            row.update(path="; ".join(messages) or "-", status=f"failed: {type(error).__name__}")
+            row.update(path="; ".join(recorder.messages) or "-", status=f"failed: {type(error).__name__}")
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0, device)
     return row
