@@ -141,3 +141,49 @@ def test_cli_writes_a_dataset_that_finetune_reads(source: Path, tmp_path: Path, 
     with pytest.raises(UserError, match="one per DATA folder"):
         discover_folders([str(out), str(other)], [3, 1, 1])
     assert main(["synth", str(source), str(tmp_path / "x"), "--slab-prob", "2"]) == 2
+
+
+def test_organ_resizing_changes_sizes_only_into_displaceable_tissue(source: Path):
+    from logonet.data.synth import DISPLACEABLE, ORGAN_SCALE, VACATED_HU, resize_organs
+
+    ct, seg = volumes.read_image(source / "images" / "case0.nii.gz"), volumes.read_image(source / "labels" / "case0.nii.gz")
+    hu = sitk.GetArrayFromImage(ct).astype(np.float32)
+    labels = sitk.GetArrayFromImage(seg).astype(np.int16)
+    ratios, drawn = [], []
+    for k in range(6):
+        resized, new_hu, scales = resize_organs(labels, hu, 1.0, np.random.default_rng(k))
+        assert resized.shape == labels.shape and new_hu.shape == hu.shape
+        changed = resized != labels
+        # only organs and displaceable tissue change (an organ may grow into the band another one vacated);
+        # bone, muscle and the rest keep their labels
+        assert np.isin(labels[changed], DISPLACEABLE + tuple(ORGAN_SCALE)).all()
+        assert np.isin(labels[changed & (resized == 0)], list(ORGAN_SCALE)).all()
+        np.testing.assert_array_equal(new_hu[changed & (resized == 0)], VACATED_HU)
+        assert (new_hu[~changed] == hu[~changed]).all()  # untouched voxels keep their real HU
+        spleen = str(1)
+        ratio = (resized == 1).sum() / (labels == 1).sum()
+        if scales[spleen] > 1.1:
+            assert ratio > 1.05
+        elif scales[spleen] < 0.9:
+            assert ratio < 0.9
+        ratios.append(ratio)
+        drawn.append(scales[spleen])
+    assert max(ratios) / min(ratios) > 1.1  # sizes really vary between draws ...
+    assert np.corrcoef(drawn, ratios)[0, 1] > 0.8  # ... as drawn
+    same = resize_organs(labels, hu, 1.0, np.random.default_rng(0))
+    np.testing.assert_array_equal(same[0], resize_organs(labels, hu, 1.0, np.random.default_rng(0))[0])
+    untouched = resize_organs(labels, hu, 0.0, np.random.default_rng(0))
+    np.testing.assert_array_equal(untouched[0], labels) and np.testing.assert_array_equal(untouched[1], hu)
+
+
+def test_resizing_keeps_every_other_draw_of_a_seed(source: Path, tmp_path: Path):
+    """--organ-resize-prob draws from its own stream: phase, means and slab of case i stay those of seed s."""
+    plain = write_synth_dataset(source, tmp_path / "p", cases=2, seed=7)
+    resized = write_synth_dataset(source, tmp_path / "r", cases=2, seed=7,
+                                  settings=SynthSettings(organ_resize_prob=1.0))
+    a = json.loads((plain / "dataset.json").read_text())["logonet"]["cases"]
+    b = json.loads((resized / "dataset.json").read_text())["logonet"]["cases"]
+    for before, after in zip(a, b):
+        assert "organ_scale" not in before and after["organ_scale"]
+        assert {k: after[k] for k in before} == before
+    assert (_read(plain / "labelsTr" / "synth_000.nii.gz") != _read(resized / "labelsTr" / "synth_000.nii.gz")).any()

@@ -2,15 +2,18 @@
 # The bundled default model and the scratch-vs-SSL comparison behind it (Resources/Models/demo/REPRODUCE.md).
 #   scripts/default_model.sh data              # synthetic training + validation sets, SSL volume folder
 #   scripts/default_model.sh pretrain          # masked SSL on every unlabeled volume at hand
-#   scripts/default_model.sh finetune ARM SEED # ARM: scratch | ssl | demo | demo3; writes runs/default-ARM-sSEED
+#   scripts/default_model.sh finetune ARM SEED # ARM: scratch | ssl | demo | demo3 | demo4; writes runs/default-ARM-sSEED
 #       demo: a curriculum, continuing from the one-scan demo model (real scan only, 900 steps; the card in
 #       Resources/Models/demo at commit d30a54f, weights sha256 a7ba98d1...) at half the learning rate
 #       demo3: stage 3 of that curriculum, continuing from default-demo-s0 with 60 more synthetic CTs (seed 2),
 #       on NPROC=2 torchrun ranks (one core each), 12 epochs at a quarter of the learning rate
+#       demo4: stage 3 as demo3, but its 60 new synthetic CTs (seed 3) have organs grown or shrunk (spleen x0.8-1.5,
+#       ...) and half of them are thin slabs: organ sizes other than the one source patient's
 #   scripts/default_model.sh evaluate ARM SEED # logonet segment + evaluate on the unseen DICOM series and the
 #                                              # training scan (after training: never feeds back into it)
-#   scripts/default_model.sh synthval MODEL    # mean Dice of a model card on the synthetic validation set (the
-#                                              # selection figure; same segment + evaluate as for real scans)
+#   scripts/default_model.sh synthval MODEL [SET] # mean Dice of a model card on a synthetic validation set
+#                                              # (default-synth-val, or default-synth-val2 with resized organs): the
+#                                              # selection figure; same segment + evaluate as for real scans
 #   scripts/default_model.sh table             # both arms' per-organ tables (markdown) from those CSVs
 # Every stage is resumable: run the same line again after an interruption.
 # Never trained on nor used to choose anything: the sample's DICOM series and aorta_report scan (the unseen
@@ -40,7 +43,12 @@ case "${1:-}" in
     $LOGONET demo --prepare-data "$RUNS/default-real"                      # the sample CT, BTCV labels
     [ -f "$RUNS/default-synth/dataset.json" ] || $LOGONET synth sample "$RUNS/default-synth" --cases 60 --seed 0
     [ -f "$RUNS/default-synth2/dataset.json" ] || $LOGONET synth sample "$RUNS/default-synth2" --cases 60 --seed 2
+    [ -f "$RUNS/default-synth3/dataset.json" ] || $LOGONET synth sample "$RUNS/default-synth3" --cases 60 --seed 3 \
+      --organ-resize-prob 0.5 --slab-prob 0.5
     [ -f "$RUNS/default-synth-val/dataset.json" ] || $LOGONET synth sample "$RUNS/default-synth-val" --cases 6 --seed 1
+    # a second selection set with resized organs, to choose between stage-3 arms (never trained on)
+    [ -f "$RUNS/default-synth-val2/dataset.json" ] || $LOGONET synth sample "$RUNS/default-synth-val2" --cases 6 \
+      --seed 4 --organ-resize-prob 0.5
     mkdir -p "$RUNS/default-ssl-volumes"                                   # images only: labels are not used
     cp "$RUNS"/default-real/imagesTr/*.nii.gz "$RUNS"/default-synth/imagesTr/*.nii.gz "$RUNS/default-ssl-volumes/"
     ;;
@@ -51,13 +59,14 @@ case "${1:-}" in
       --seed 0 --progress jsonl "${resume[@]}"
     ;;
   finetune)
-    arm=${2:?scratch, ssl, demo or demo3}; seed=${3:?seed}
+    arm=${2:?scratch, ssl, demo, demo3 or demo4}; seed=${3:?seed}
     init=(); lr=4e-3; data=("$RUNS/default-real" "$RUNS/default-synth"); repeats=(20 1); epochs=(--epochs 8 --val-every 2)
     [ "$arm" = ssl ] && init=(--init "$RUNS/default-ssl/best")
     [ "$arm" = demo ] && { init=(--init "${STAGE1:-$RUNS/stage1-demo}"); lr=2e-3; }
-    if [ "$arm" = demo3 ]; then
+    if [ "$arm" = demo3 ] || [ "$arm" = demo4 ]; then
       init=(--init "${STAGE2:-$RUNS/default-demo-s0/best}"); lr=1e-3; NPROC=${NPROC:-2}
-      data+=("$RUNS/default-synth2"); repeats+=(1); epochs=(--epochs 12 --val-every 3)
+      repeats+=(1); epochs=(--epochs 12 --val-every 3)
+      if [ "$arm" = demo3 ]; then data+=("$RUNS/default-synth2"); else data+=("$RUNS/default-synth3"); fi
     fi
     out="$RUNS/default-$arm-s$seed"
     resume=(); [ -f "$out/checkpoint.pt" ] && resume=(--resume)
@@ -76,10 +85,10 @@ case "${1:-}" in
     score "$SAMPLE/example_ct.nii.gz" "$SAMPLE/example_ct_btcv.nii.gz" training
     ;;
   synthval)
-    model=${2:?model card folder}; out="$model/../synthval-$(basename "$model")"
-    $LOGONET segment "$RUNS/default-synth-val/imagesTr" "$out" --model "$model" >/dev/null
+    model=${2:?model card folder}; val=${3:-default-synth-val}; out="$model/../${val#default-}-$(basename "$model")"
+    $LOGONET segment "$RUNS/$val/imagesTr" "$out" --model "$model" >/dev/null
     for seg in "$out"/*.nii.gz; do
-      $LOGONET evaluate "$seg" "$RUNS/default-synth-val/labelsTr/$(basename "$seg")" --no-hausdorff --csv "${seg%.nii.gz}.csv" >/dev/null
+      $LOGONET evaluate "$seg" "$RUNS/$val/labelsTr/$(basename "$seg")" --no-hausdorff --csv "${seg%.nii.gz}.csv" >/dev/null
     done
     ${PYTHON:-.venv/bin/python} scripts/arm_table.py --synthval "$out"
     ;;

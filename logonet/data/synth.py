@@ -4,7 +4,9 @@ Domain randomisation in the manner of SynthSeg (Billot et al., 2023), adapted to
 source case is a real CT with a TotalSegmentator label map (117 structures: organs, bones, muscles, vessels,
 bowel). Each synthetic case:
 
-1. deforms CT and label map together (MONAI ``Rand3DElasticd``: rotation, scaling, elastic field);
+1. deforms CT and label map together (MONAI ``Rand3DElasticd``: rotation, scaling, elastic field) and, if
+   asked (``--organ-resize-prob``), grows or shrinks single organs about their centres: one patient's map has one
+   spleen size, patients have many (:data:`ORGAN_SCALE`);
 2. splits the unlabelled voxels by the real HU into air, fat and soft tissue, so every voxel has a tissue;
 3. draws a contrast phase (native, arterial, portal-venous, delayed) and, per tissue, a mean HU from that
    phase's realistic range (:data:`TISSUES`) and a texture weight: the new image is the drawn mean plus a
@@ -13,7 +15,7 @@ bowel). Each synthetic case:
 5. sometimes keeps only a thin axial slab (a partial field of view, like a 20-slice series), air elsewhere;
 6. writes the HU image (int16) and the BTCV label map on the source's exact grid (MSD layout).
 
-Only the label-to-HU synthesis (steps 2, 3 and 5) is written here: no library draws CT tissue intensities
+Only the label-to-HU synthesis and the per-organ resizing (steps 1b, 2, 3 and 5) are written here: no library draws CT tissue intensities
 from label maps. Case ``i`` of seed ``s`` is the same whatever ``--cases`` is.
 """
 from __future__ import annotations
@@ -84,6 +86,24 @@ TISSUES: Tuple[Tissue, ...] = (
     Tissue("fat", (), _same(-130, -70)),
     Tissue("soft tissue", (), _phases((10, 50), (20, 70), (25, 80), (20, 70))),
 )
+#: Per-organ linear scale range (TotalSegmentator id -> (low, high), drawn log-uniformly), from the spread of
+#: adult organ sizes: spleen volume varies about threefold between healthy adults and more with splenomegaly;
+#: liver and kidneys less. The BTCV organs and the vessels the model must find.
+ORGAN_SCALE: Dict[int, Tuple[float, float]] = {
+    1: (0.8, 1.5),  # spleen
+    5: (0.85, 1.25),  # liver
+    2: (0.85, 1.2), 3: (0.85, 1.2),  # kidneys
+    4: (0.7, 1.5),  # gallbladder
+    6: (0.8, 1.4),  # stomach (filling)
+    7: (0.8, 1.3),  # pancreas
+    52: (0.85, 1.3), 63: (0.75, 1.5), 64: (0.8, 1.4),  # aorta, inferior vena cava, portal/splenic vein
+}
+#: Vessels are resized in-plane only: a wider vessel is not a longer one.
+IN_PLANE_ONLY = frozenset({52, 63, 64})
+#: What a growing organ may take over: unlabelled tissue and bowel (ids 18-20), never another organ or bone.
+DISPLACEABLE = (0, 18, 19, 20)
+#: HU given to the band a shrinking organ leaves: fat, as around real organs.
+VACATED_HU = -100.0
 #: Real HU thresholds that split unlabelled voxels: below the first is air, below the second fat, else soft tissue.
 BACKGROUND_SPLIT: Tuple[float, float] = (-400.0, -30.0)
 _TISSUE_INDEX = {t.name: i for i, t in enumerate(TISSUES)}
@@ -107,6 +127,7 @@ class SynthSettings:
     bias_prob: float = 0.3
     noise_prob: float = 0.5
     lowres_prob: float = 0.3
+    organ_resize_prob: float = 0.0  # per organ of ORGAN_SCALE: 0 keeps the cases of earlier seeds unchanged
 
 
 # ------------------------------------------------------------------------------------------ sources
@@ -192,6 +213,47 @@ def _spatial(settings: SynthSettings, seed: int):
     return t
 
 
+def resize_organs(labels: np.ndarray, hu: np.ndarray, probability: float, rng: np.random.Generator
+                  ) -> Tuple[np.ndarray, np.ndarray, Dict[str, float]]:
+    """Grow or shrink each organ of :data:`ORGAN_SCALE` (with ``probability``) about its centre; (labels, hu,
+    {id: scale}). A grown organ takes over only :data:`DISPLACEABLE` voxels, at its own median real HU (so the
+    synthesis gives it the organ's texture-free mean); a shrunk one leaves fat behind. Arrays are (z, y, x)."""
+    from scipy import ndimage
+
+    labels, hu = labels.copy(), hu.copy()
+    scales: Dict[str, float] = {}
+    for organ in rng.permutation(sorted(ORGAN_SCALE)).tolist():
+        if rng.uniform() >= probability:
+            continue
+        low, high = ORGAN_SCALE[organ]
+        zoom = np.exp(rng.uniform(np.log(low), np.log(high))) * rng.uniform(0.9, 1.1, size=3)  # mildly anisotropic
+        mask = labels == organ
+        if not mask.any():
+            continue
+        if organ in IN_PLANE_ONLY:
+            zoom[0] = 1.0
+        where = np.argwhere(mask)
+        first, last = where.min(axis=0), where.max(axis=0)
+        centre = (first + last) / 2.0
+        reach = (last - first) / 2.0 * max(1.0, float(zoom.max())) + 2
+        lo = np.maximum(0, np.floor(centre - reach)).astype(int)
+        hi = np.minimum(labels.shape, np.ceil(centre + reach) + 1).astype(int)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        inside = mask[box]
+        local = centre - lo  # output voxel x samples the organ at local + (x - local) / zoom
+        scaled = ndimage.affine_transform(inside.astype(np.float32), 1.0 / zoom, offset=local - local / zoom,
+                                          order=1) > 0.5
+        box_labels, box_hu = labels[box], hu[box]  # views: writes land in labels and hu
+        grown = scaled & ~inside & np.isin(box_labels, DISPLACEABLE)
+        vacated = inside & ~scaled
+        box_hu[grown] = float(np.median(hu[mask]))
+        box_labels[grown] = organ
+        box_labels[vacated] = 0
+        box_hu[vacated] = VACATED_HU
+        scales[str(organ)] = round(float(np.prod(zoom)) ** (1 / 3), 3)
+    return labels, hu, scales
+
+
 def _degradations(settings: SynthSettings, seed: int):
     """MONAI's random image degradations, applied in HU (+1024 so the bias field multiplies positive values)."""
     from monai import transforms as mt
@@ -236,6 +298,10 @@ def synthesise(image: sitk.Image, hu: np.ndarray, labels: np.ndarray, seed: int,
                                             "label": torch.from_numpy(labels[None].astype(np.float32))})
     hu_moved = np.asarray(moved["image"][0], dtype=np.float32)
     labels_moved = np.rint(np.asarray(moved["label"][0])).astype(np.int16)
+    scales: Dict[str, float] = {}
+    if settings.organ_resize_prob > 0:  # its own stream: the other draws of (seed, index) stay as they were
+        labels_moved, hu_moved, scales = resize_organs(labels_moved, hu_moved, settings.organ_resize_prob,
+                                                       np.random.default_rng([seed, index, 1]))
 
     tissue = _tissue_map(labels_moved, hu_moved)
     draw = draw_intensities(rng)
@@ -254,6 +320,8 @@ def synthesise(image: sitk.Image, hu: np.ndarray, labels: np.ndarray, seed: int,
         btcv[outside] = 0
     described = {"phase": draw["phase"], "texture": round(texture, 3), "slab": list(slab) if slab else None,
                  "mean_hu": {t.name: round(m, 1) for t, m in zip(TISSUES, draw["means"])}}
+    if scales:
+        described["organ_scale"] = scales  # TotalSegmentator id -> geometric mean linear scale
     return np.clip(np.rint(synthetic), -1024, 3071).astype(np.int16), btcv, described
 
 
@@ -304,18 +372,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="case i of seed s is the same whatever --cases is")
     parser.add_argument("--slab-prob", type=float, default=SynthSettings.slab_prob,
                         help="share of cases cut to a thin axial slab (partial field of view)")
+    parser.add_argument("--organ-resize-prob", type=float, default=SynthSettings.organ_resize_prob,
+                        help="chance per organ (spleen, liver, kidneys, stomach, pancreas, vessels...) of being grown "
+                             "or shrunk about its centre, for organ sizes other than the source patient's "
+                             "(default 0: earlier seeds' cases unchanged)")
     parser.add_argument("--progress", default=None, choices=["jsonl", "tqdm", "none"])
 
 
 def run(args: argparse.Namespace) -> int:
     from ..events import reporter_for
 
-    if not 0.0 <= args.slab_prob <= 1.0:
-        raise UserError(f"--slab-prob must be in [0, 1], got {args.slab_prob}")
+    for flag, value in (("--slab-prob", args.slab_prob), ("--organ-resize-prob", args.organ_resize_prob)):
+        if not 0.0 <= value <= 1.0:
+            raise UserError(f"{flag} must be in [0, 1], got {value}")
     reporter = reporter_for(args.progress)
     start = time.perf_counter()
     out = write_synth_dataset(args.source, args.out, args.cases, seed=args.seed,
-                              settings=SynthSettings(slab_prob=args.slab_prob), progress=reporter)
+                              settings=SynthSettings(slab_prob=args.slab_prob,
+                                                                     organ_resize_prob=args.organ_resize_prob),
+                              progress=reporter)
     seconds = time.perf_counter() - start
     reporter.emit("done", outputs=[str(out)], seconds=round(seconds, 2))
     if reporter.mode != "jsonl":
