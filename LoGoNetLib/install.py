@@ -4,14 +4,16 @@
 - the rest with version floors through ``slicer.util.pip_install``; Slicer's own SimpleITK (and numpy,
   requests) are never reinstalled or replaced;
 - nothing is checked or installed at import time: the logics call :meth:`DependencyInstaller.ensure` on
-  Apply/Start, and take the installer as an injectable collaborator (tests pass a fake).
+  Apply/Start, and take the installer as an injectable collaborator (tests pass a fake);
+- the Segment module's installer also offers the optional faster CPU engine (OpenVINO, the core's ``engines``
+  extra) once: a "no" is remembered and never asked again, a failed install never blocks segmentation.
 """
 from __future__ import annotations
 
 import importlib
 import re
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from .errors import LOG, LoGoNetError
 
@@ -30,6 +32,15 @@ REQUIREMENTS: Tuple[Tuple[str, str, str], ...] = (
     ("matplotlib", "matplotlib", "3.7"),
     ("psutil", "psutil", "5.9"),
 )
+#: The optional CPU engine ``segment --engine auto`` prefers (about 2x torch on the CPU, docs/benchmarks.md):
+#: OpenVINO, and onnx for the export it reads. Mirrors the core's ``engines`` extra, minus ONNX Runtime (never
+#: picked by ``auto``).
+ENGINE_REQUIREMENTS: Tuple[Tuple[str, str, str], ...] = (
+    ("openvino", "openvino", "2024.0"),
+    ("onnx", "onnx", "1.15"),
+)
+#: The settings key that remembers a "no" to the engine offer.
+ENGINE_DECLINED_KEY = "LoGoNet/FastEngineDeclined"
 #: Slicer ships these; pip must never replace them (a replaced SimpleITK breaks Slicer's own IO).
 NEVER_REPLACE = ("SimpleITK", "numpy", "requests")
 
@@ -80,14 +91,17 @@ class DependencyInstaller:
 
     def __init__(self, version_of: Callable[[str], Optional[str]] = installed_version,
                  pip_install: Optional[Callable[[str], None]] = None,
-                 install_torch: Optional[Callable[[str], bool]] = None) -> None:
+                 install_torch: Optional[Callable[[str], bool]] = None, offer_engine: bool = False,
+                 settings: Optional[Dict[str, object]] = None) -> None:
         self.version_of = version_of
         self._pip_install = pip_install
         self._install_torch = install_torch
+        self.offer_engine = offer_engine  # the Segment module: inference is where the engine pays
+        self._settings = settings  # a dict in tests; Slicer's QSettings otherwise
 
-    def missing(self) -> List[Missing]:
+    def missing(self, requirements: Tuple[Tuple[str, str, str], ...] = REQUIREMENTS) -> List[Missing]:
         result = []
-        for distribution, _module, minimum in REQUIREMENTS:
+        for distribution, _module, minimum in requirements:
             found = self.version_of(distribution)
             if found is None or _version_tuple(found) < _version_tuple(minimum):
                 result.append(Missing(distribution, minimum, found))
@@ -98,6 +112,7 @@ class DependencyInstaller:
         missing = self.missing()
         result = InstallResult()
         if not missing:
+            self._offer_engine(ask, log, result)
             return result
         protected = [m for m in missing if m.distribution in NEVER_REPLACE]
         for item in protected:
@@ -133,7 +148,51 @@ class DependencyInstaller:
             if item.found is not None:  # an older version was already imported: needs a restart
                 result.restart_needed = True
         importlib.invalidate_caches()
+        if result.ok:
+            self._offer_engine(ask, log, result)
         return result
+
+    def _offer_engine(self, ask: Callable[[str], bool], log: Callable[[str], None], result: InstallResult) -> None:
+        """Ask once to install the optional CPU engine. A "no" is remembered; a failure is logged and changes
+        nothing else (segmentation runs with torch, as ``--engine auto`` falls back to it)."""
+        if not self.offer_engine or self._setting(ENGINE_DECLINED_KEY):
+            return
+        todo = self.missing(ENGINE_REQUIREMENTS)
+        if not todo:
+            return
+        question = ("Optional: install the OpenVINO CPU engine, which makes segmentation on the CPU about twice as "
+                    "fast (same labels; a download of about 100 MB)?\n\n"
+                    + "\n".join(f"  {m.describe()}" for m in todo)
+                    + "\n\nLoGoNet works without it. If you say no, you will not be asked again.")
+        if not ask(question):
+            self._set_setting(ENGINE_DECLINED_KEY, True)
+            log("The optional OpenVINO engine was not installed; segmentation runs with PyTorch.")
+            return
+        for item in todo:
+            log(f"Installing {item.requirement} ...")
+            try:
+                self.pip_install(f'"{item.requirement}"')
+            except Exception as error:  # optional: report, never block segmentation
+                LOG.warning("installing %s failed", item.requirement, exc_info=True)
+                log(f"Installing the optional {item.requirement} failed ({error}); segmentation runs with PyTorch.")
+                return
+            result.installed.append(item.requirement)
+        importlib.invalidate_caches()
+
+    def _setting(self, key: str) -> bool:
+        if self._settings is not None:
+            return bool(self._settings.get(key, False))
+        import qt
+
+        return str(qt.QSettings().value(key, "false")).lower() == "true"
+
+    def _set_setting(self, key: str, value: bool) -> None:
+        if self._settings is not None:
+            self._settings[key] = value
+            return
+        import qt
+
+        qt.QSettings().setValue(key, "true" if value else "false")
 
     # Slicer-side effects, resolved lazily so the class works (and is testable) without Slicer.
     def pip_install(self, requirement: str) -> None:
@@ -166,4 +225,5 @@ class NoInstall:
         return InstallResult()
 
 
-__all__ = ["DependencyInstaller", "NoInstall", "InstallResult", "Missing", "REQUIREMENTS", "NEVER_REPLACE"]
+__all__ = ["DependencyInstaller", "NoInstall", "InstallResult", "Missing", "REQUIREMENTS", "ENGINE_REQUIREMENTS",
+           "NEVER_REPLACE"]

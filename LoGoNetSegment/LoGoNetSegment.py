@@ -54,7 +54,7 @@ class LoGoNetSegmentLogic(ScriptedLoadableModuleLogic, SegmentLogic):
 
     def __init__(self, **kwargs):
         ScriptedLoadableModuleLogic.__init__(self)
-        kwargs.setdefault("installer", DependencyInstaller())
+        kwargs.setdefault("installer", DependencyInstaller(offer_engine=True))  # offers OpenVINO once
         SegmentLogic.__init__(self, **kwargs)
 
 

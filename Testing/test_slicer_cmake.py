@@ -255,3 +255,21 @@ def test_slicer_installer_floors_match_the_package():
     deps = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
     floors = dict(re.match(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", d).groups() for d in deps)
     assert {name: floor for name, _, floor in REQUIREMENTS} == floors
+
+
+
+def test_slicer_engine_offer_matches_the_engines_extra():
+    """The optional engine the Segment module offers is the core's ``engines`` extra (same floors), minus ONNX
+    Runtime, which ``--engine auto`` never picks."""
+    import tomllib
+
+    import slicer_fixtures  # noqa: F401
+    from LoGoNetLib.install import ENGINE_REQUIREMENTS
+
+    from logonet.engines import AUTO_ORDER
+
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    floors = dict(re.match(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", d).groups() for d in extra["engines"])
+    offered = {name: floor for name, _, floor in ENGINE_REQUIREMENTS}
+    assert offered == {k: v for k, v in floors.items() if k != "onnxruntime"}
+    assert AUTO_ORDER[0] in offered

@@ -265,6 +265,42 @@ def test_installer_is_asked_before_launch(logic_env):
     assert pip_calls == ['"monai>=1.4" --no-deps'] and task.state == "succeeded"
 
 
+
+def test_segment_installer_offers_the_fast_engine_once_and_never_blocks():
+    """With every required package present, the Segment installer asks once for the optional OpenVINO engine:
+    yes installs it, no is remembered (never asked again), and a failed install still lets segmentation run."""
+    from LoGoNetLib.install import ENGINE_DECLINED_KEY, DependencyInstaller
+
+    def installer(pip, settings, offer=True):
+        return DependencyInstaller(version_of=lambda dist: None if dist in ("openvino", "onnx") else "99.0",
+                                   pip_install=pip, install_torch=lambda req: True, offer_engine=offer,
+                                   settings=settings)
+
+    pip_calls, questions, log = [], [], []
+    result = installer(pip_calls.append, {}).ensure(ask=lambda q: questions.append(q) or True, log=log.append)
+    assert result.ok and len(questions) == 1 and "OpenVINO" in questions[0] and "openvino>=2024.0" in questions[0]
+    assert pip_calls == ['"openvino>=2024.0"', '"onnx>=1.15"'] and result.installed == ["openvino>=2024.0", "onnx>=1.15"]
+
+    settings, questions, pip_calls = {}, [], []
+    no = installer(pip_calls.append, settings)
+    for _ in range(2):
+        result = no.ensure(ask=lambda q: questions.append(q) or False, log=log.append)
+        assert result.ok and not result.declined  # declining the optional engine is not a failed check
+    assert len(questions) == 1 and pip_calls == [] and settings[ENGINE_DECLINED_KEY] is True
+    assert "runs with PyTorch" in log[-1]
+
+    def broken(requirement):
+        raise OSError("no network")
+
+    log = []
+    result = installer(broken, {}).ensure(ask=lambda q: True, log=log.append)
+    assert result.ok and result.installed == [] and "no network" in log[-1]
+
+    questions = []
+    installer(pip_calls.append, {}, offer=False).ensure(ask=lambda q: questions.append(q) or True)
+    assert questions == []  # the Train module's installer never offers it
+
+
 # ------------------------------------------------------------------------------------------ real CLI
 @pytest.mark.slow
 def test_demo_model_on_sample_ct_end_to_end(mrml, sample_ct, tmp_path):  # noqa: F811

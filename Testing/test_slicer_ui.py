@@ -149,6 +149,7 @@ def test_module_files_import_headless_and_logic_has_the_documented_api(mrml):
     train = importlib.import_module("LoGoNetTrain")
     logic = segment.LoGoNetSegmentLogic()
     assert isinstance(logic, SegmentLogic) and isinstance(logic.installer, DependencyInstaller)
+    assert logic.installer.offer_engine and not train.LoGoNetTrainLogic().installer.offer_engine  # inference only
     assert isinstance(train.LoGoNetTrainLogic(), TrainLogic)
     import inspect
 
