@@ -104,6 +104,7 @@ class ModuleWidget(VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(self.uiWidget)
         self.uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic.ask = self.ask
+        self.logic.optional_offer = "once"  # a person answers: optional packages may be offered (once)
         self.setupPanel()
         for name, signal, slot in self.CONNECTIONS:
             getattr(self.ui, name).connect(signal, getattr(self, slot))

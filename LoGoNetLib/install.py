@@ -6,7 +6,8 @@
 - nothing is checked or installed at import time: the logics call :meth:`DependencyInstaller.ensure` on
   Apply/Start, and take the installer as an injectable collaborator (tests pass a fake);
 - the Segment module's installer also offers the optional faster CPU engine (OpenVINO, the core's ``engines``
-  extra) once: a "no" is remembered and never asked again, a failed install never blocks segmentation.
+  extra) to a person (never to a script): on Apply once, as a "no" is remembered; on *Check dependencies* again.
+  A failed install never blocks segmentation.
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ ENGINE_REQUIREMENTS: Tuple[Tuple[str, str, str], ...] = (
 )
 #: The settings key that remembers a "no" to the engine offer.
 ENGINE_DECLINED_KEY = "LoGoNet/FastEngineDeclined"
+#: When :meth:`DependencyInstaller.ensure` offers the optional engine (see there).
+OPTIONAL_OFFERS = ("no", "once", "again")
 #: Slicer ships these; pip must never replace them (a replaced SimpleITK breaks Slicer's own IO).
 NEVER_REPLACE = ("SimpleITK", "numpy", "requests")
 
@@ -107,12 +110,19 @@ class DependencyInstaller:
                 result.append(Missing(distribution, minimum, found))
         return result
 
-    def ensure(self, ask: Callable[[str], bool], log: Callable[[str], None] = print) -> InstallResult:
-        """Install what is missing after ``ask(question)`` says yes. SimpleITK & co. are reported, never replaced."""
+    def ensure(self, ask: Callable[[str], bool], log: Callable[[str], None] = print,
+               optional: str = "no") -> InstallResult:
+        """Install what is missing after ``ask(question)`` says yes. SimpleITK & co. are reported, never replaced.
+
+        ``optional`` (:data:`OPTIONAL_OFFERS`): whether to offer the optional engine afterwards: "no" (scripts,
+        where nobody answers), "once" (a person clicked Apply; skipped after a "no") or "again" (a person asked
+        for the dependency check)."""
+        if optional not in OPTIONAL_OFFERS:
+            raise ValueError(f"optional must be one of {OPTIONAL_OFFERS}, not {optional!r}")
         missing = self.missing()
         result = InstallResult()
         if not missing:
-            self._offer_engine(ask, log, result)
+            self._offer_engine(ask, log, result, optional)
             return result
         protected = [m for m in missing if m.distribution in NEVER_REPLACE]
         for item in protected:
@@ -149,13 +159,14 @@ class DependencyInstaller:
                 result.restart_needed = True
         importlib.invalidate_caches()
         if result.ok:
-            self._offer_engine(ask, log, result)
+            self._offer_engine(ask, log, result, optional)
         return result
 
-    def _offer_engine(self, ask: Callable[[str], bool], log: Callable[[str], None], result: InstallResult) -> None:
-        """Ask once to install the optional CPU engine. A "no" is remembered; a failure is logged and changes
+    def _offer_engine(self, ask: Callable[[str], bool], log: Callable[[str], None], result: InstallResult,
+                      optional: str) -> None:
+        """Ask to install the optional CPU engine. A "no" is remembered; a failure is logged and changes
         nothing else (segmentation runs with torch, as ``--engine auto`` falls back to it)."""
-        if not self.offer_engine or self._setting(ENGINE_DECLINED_KEY):
+        if not self.offer_engine or optional == "no" or (optional == "once" and self._setting(ENGINE_DECLINED_KEY)):
             return
         todo = self.missing(ENGINE_REQUIREMENTS)
         if not todo:
@@ -221,7 +232,8 @@ class NoInstall:
     def missing(self) -> List[Missing]:
         return []
 
-    def ensure(self, ask: Callable[[str], bool], log: Callable[[str], None] = print) -> InstallResult:
+    def ensure(self, ask: Callable[[str], bool], log: Callable[[str], None] = print,
+               optional: str = "no") -> InstallResult:
         return InstallResult()
 
 

@@ -34,6 +34,9 @@ class WorkerLogic:
         self.ask = ask or (lambda question: True)
         self.task: Optional[Task] = None
         self.installing = False  # the first-use package install is running (Apply/Start must stay disabled)
+        # Offer optional packages on a run? "no" for scripts (nobody to answer); the module widget, which asks a
+        # person, sets "once" (LoGoNetLib.install.OPTIONAL_OFFERS).
+        self.optional_offer = "no"
 
     def command(self, *arguments: str) -> List[str]:
         """``python -m logonet <arguments>`` (or the injected stand-in)."""
@@ -48,7 +51,7 @@ class WorkerLogic:
             raise LoGoNetError(busy)
         self.installing = True
         try:
-            installed = self.installer.ensure(ask=self.ask, log=log)
+            installed = self.installer.ensure(ask=self.ask, log=log, optional=self.optional_offer)
         finally:
             self.installing = False
         if not installed.ok:

@@ -154,7 +154,7 @@ def test_apply_during_the_dependency_install_is_refused(env):
     seen = {}
 
     class SlowInstaller:
-        def ensure(self, ask, log):
+        def ensure(self, ask, log, optional="no"):
             seen["installing"] = logic.installing
             with pytest.raises(LoGoNetError, match="being installed"):  # a second click during pip
                 logic.process(volume, model=str(card))

@@ -277,28 +277,34 @@ def test_segment_installer_offers_the_fast_engine_once_and_never_blocks():
                                    settings=settings)
 
     pip_calls, questions, log = [], [], []
-    result = installer(pip_calls.append, {}).ensure(ask=lambda q: questions.append(q) or True, log=log.append)
+    result = installer(pip_calls.append, {}).ensure(ask=lambda q: questions.append(q) or True, log=log.append,
+                                                    optional="once")
     assert result.ok and len(questions) == 1 and "OpenVINO" in questions[0] and "openvino>=2024.0" in questions[0]
     assert pip_calls == ['"openvino>=2024.0"', '"onnx>=1.15"'] and result.installed == ["openvino>=2024.0", "onnx>=1.15"]
 
     settings, questions, pip_calls = {}, [], []
     no = installer(pip_calls.append, settings)
     for _ in range(2):
-        result = no.ensure(ask=lambda q: questions.append(q) or False, log=log.append)
+        result = no.ensure(ask=lambda q: questions.append(q) or False, log=log.append, optional="once")
         assert result.ok and not result.declined  # declining the optional engine is not a failed check
     assert len(questions) == 1 and pip_calls == [] and settings[ENGINE_DECLINED_KEY] is True
     assert "runs with PyTorch" in log[-1]
+    no.ensure(ask=lambda q: questions.append(q) or False, log=log.append, optional="again")  # Check dependencies
+    assert len(questions) == 2
 
     def broken(requirement):
         raise OSError("no network")
 
     log = []
-    result = installer(broken, {}).ensure(ask=lambda q: True, log=log.append)
+    result = installer(broken, {}).ensure(ask=lambda q: True, log=log.append, optional="once")
     assert result.ok and result.installed == [] and "no network" in log[-1]
 
     questions = []
-    installer(pip_calls.append, {}, offer=False).ensure(ask=lambda q: questions.append(q) or True)
-    assert questions == []  # the Train module's installer never offers it
+    installer(pip_calls.append, {}, offer=False).ensure(ask=lambda q: questions.append(q) or True, optional="again")
+    installer(pip_calls.append, {}).ensure(ask=lambda q: questions.append(q) or True)  # a script: nobody to ask
+    assert questions == []  # the Train module's installer never offers it, nor any installer to a script
+    with pytest.raises(ValueError, match="optional must be"):
+        installer(pip_calls.append, {}).ensure(ask=lambda q: True, optional="yes")
 
 
 # ------------------------------------------------------------------------------------------ real CLI

@@ -548,3 +548,24 @@ def test_module_files_host_the_library_panel_with_their_logic(app, module, panel
     assert host.panel.entered and host.panel.params is not None
     host.exit()
     assert not host.panel.entered
+
+
+def test_segment_check_dependencies_offers_the_engine_again_and_apply_once(segment, app):
+    """Check dependencies re-offers the optional engine even after a "no" (a person asked); the widget's logic
+    offers it "once" on Apply, where a bare scripted logic offers nothing (nobody would answer)."""
+    from LoGoNetLib.install import NoInstall
+    from LoGoNetSegmentLib.logic import SegmentLogic
+
+    widget, _volume, _card = segment
+    calls = []
+
+    class RecordingInstaller(NoInstall):
+        def ensure(self, ask, log=print, optional="no"):
+            calls.append(optional)
+            return super().ensure(ask, log, optional)
+
+    widget.logic.installer = RecordingInstaller()
+    assert "clicked()" in widget.ui.installDependenciesButton.connected()  # the button is wired to ...
+    widget.onInstallDependencies()  # ... this slot
+    assert calls == ["again"] and "All required Python packages are installed." in widget.ui.logTextEdit.toPlainText()
+    assert widget.logic.optional_offer == "once" and SegmentLogic().optional_offer == "no"

@@ -228,13 +228,13 @@ class SegmentWidget(ModuleWidget):
         installer = self.logic.installer
         if not installer.missing():
             self.addLog(_("All required Python packages are installed."))
-            return
         self.logic.installing = True  # Apply, Load sample CT and this button stay disabled meanwhile
         self.updateButtons()
         result = None
         try:
             with self.errors(_("Installing LoGoNet's Python packages failed")):
-                result = installer.ensure(ask=self.ask, log=self.addLog)  # asks first, with the normal cursor
+                # asks first, with the normal cursor; offers the optional engine even after an earlier "no"
+                result = installer.ensure(ask=self.ask, log=self.addLog, optional="again")
                 for problem in result.problems:
                     self.addLog(problem)
         finally:
