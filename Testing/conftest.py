@@ -10,10 +10,31 @@
 """
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Tuple
 
 import pytest
+
+_ENGINE_CACHE_MADE = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Engine exports (made when the optional ``engines`` extra is installed, as on a developer's machine but not
+    in CI) go to one scratch folder for the whole run, never into the user's real cache. xdist workers and the
+    CLI subprocesses inherit it from the environment."""
+    if not os.environ.get("LOGONET_ENGINE_CACHE"):
+        folder = tempfile.mkdtemp(prefix="logonet-test-engines-")
+        os.environ["LOGONET_ENGINE_CACHE"] = folder
+        _ENGINE_CACHE_MADE.append(folder)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for folder in _ENGINE_CACHE_MADE:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.environ.pop("LOGONET_ENGINE_CACHE", None)
 
 
 @pytest.fixture(scope="session")

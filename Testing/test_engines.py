@@ -34,6 +34,7 @@ def cache(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LOGONET_CACHE", str(folder))
+        patch.delenv("LOGONET_ENGINE_CACHE", raising=False)  # conftest's scratch folder: these tests check paths
         yield folder
 
 
@@ -226,3 +227,12 @@ def test_bench_engines_refuses_unknown_names(capsys):
     assert cli.main(["bench", "engines", "--engines", "torch,tensorrt", "--progress", "none"]) == 2
     assert "tensorrt" in capsys.readouterr().err
     assert cli.main(["bench", "engines", "--presets", "X", "--progress", "none"]) == 2
+
+
+def test_cache_root_is_the_engine_cache_variable_else_the_user_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("LOGONET_ENGINE_CACHE", str(tmp_path / "scratch"))
+    assert engines.cache_root() == tmp_path / "scratch"
+    monkeypatch.delenv("LOGONET_ENGINE_CACHE")
+    monkeypatch.setenv("LOGONET_CACHE", str(tmp_path / "user"))
+    assert engines.cache_root() == tmp_path / "user" / "engines"
+

@@ -304,3 +304,13 @@ def test_default_overlap_is_the_one_the_cards_checkpoint_was_validated_at(card, 
     (validated / "model.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match=r"metrics.val_overlap.*\[0, 1\).*1.5"):
         infer.Predictor(validated, device="cpu")
+
+
+def test_the_suite_never_exports_into_the_real_user_cache():
+    """conftest points every test (and the CLI subprocesses) at a scratch engine cache."""
+    import os
+
+    from logonet.data.sample import user_cache_dir
+    from logonet.engines import cache_root
+
+    assert os.environ.get("LOGONET_ENGINE_CACHE") and cache_root() != user_cache_dir() / "engines"

@@ -124,10 +124,12 @@ def _tell(notify: Optional[Notify], message: str) -> None:
 # the cache
 # ----------------------------------------------------------------------------------------------------------
 def cache_root() -> Path:
-    """``<user cache>/engines`` (``$LOGONET_CACHE/engines``, else e.g. ``~/.cache/logonet/engines``)."""
+    """``$LOGONET_ENGINE_CACHE`` if set (a shared or scratch folder; the test suite's own), else
+    ``<user cache>/engines`` (``$LOGONET_CACHE/engines``, else e.g. ``~/.cache/logonet/engines``)."""
     from .data.sample import user_cache_dir
 
-    return user_cache_dir() / "engines"
+    own = os.environ.get("LOGONET_ENGINE_CACHE")
+    return Path(own).expanduser() if own else user_cache_dir() / "engines"
 
 
 def cache_key(weights_sha256: str, architecture: Mapping[str, Any], roi: Sequence[int]) -> str:
