@@ -77,3 +77,17 @@ def test_the_card_records_the_typed_command_line_or_the_call(tmp_path) -> None:
     call = FinetuneConfig(data=["D"], out="O", epochs=3, lr=0.01)
     assert describe_call("logonet.train.finetune.finetune", call) == (
         "logonet.train.finetune.finetune(FinetuneConfig(data=['D'], out='O', epochs=3, lr=0.01))")
+
+
+@pytest.mark.parametrize("world_size,requested,code", [(1, True, 130), (2, True, 0), (2, False, 130)])
+def test_a_requested_stop_under_torchrun_exits_0_a_signal_130(tmp_path, capsys, world_size, requested, code):
+    """torchrun calls any non-zero rank exit a failed job; a STOP file is a wish, not a failure. One process keeps
+    130 (the Slicer module reads it as "stopped, resumable"), and so does a signal."""
+    from logonet.train.distributed import DistContext
+    from logonet.train.engine import FitResult
+
+    session = TrainingSession(FinetuneConfig(data=["D"], out=str(tmp_path / "run")), what="training run", function="f")
+    session.dist = DistContext(world_size=world_size)
+    stopped = FitResult(epochs_done=3, best_value=0.5, best_epoch=3, history=[], interrupted=True, requested=requested)
+    assert session.finish(stopped, "best_dice") == code
+    assert ("stopped on request after epoch 3; resume with --resume" in capsys.readouterr().out) == (code == 0)

@@ -44,7 +44,7 @@ def test_stop_file_stops_during_training_and_resume_finishes(tmp_path):
 
     engine = _engine(tmp_path, 3, lambda model, device: {"dice": 0.5}, on_step)
     result = engine.fit()
-    assert result.interrupted and result.epochs_done == 1
+    assert result.interrupted and result.requested and result.epochs_done == 1
     assert len(steps) == 6  # stopped at the step after the request, not at the end of the epoch
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 1

@@ -94,6 +94,8 @@ class FitResult:
     best_epoch: Optional[int]
     history: List[Dict[str, Any]]
     interrupted: bool = False
+    #: the stop was asked for with the STOP file (on this rank, or on another one: then this rank saw no signal)
+    requested: bool = False
 
 
 class Engine:
@@ -434,7 +436,8 @@ class Engine:
                                                           "resume with --resume")
                     break
         return FitResult(epochs_done=epoch, best_value=self.best_value, best_epoch=self.best_epoch,
-                         history=self.history, interrupted=interrupted)
+                         history=self.history, interrupted=interrupted,
+                         requested=interrupted and self._stop_signal in (None, STOP_BY_FILE))
 
     def _run_epoch(self, epoch: int) -> Optional[Dict[str, Any]]:
         """Train (and, when due, validate) epoch ``epoch``: its metrics row, or None when a stop request ended it

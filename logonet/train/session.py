@@ -269,8 +269,14 @@ class TrainingSession:
         return engine.fit(resume=c.resume)
 
     def finish(self, result: FitResult, best_key: str, outputs: Optional[Mapping[str, str]] = None) -> int:
-        """The ``done`` event (paths of the cards, metrics and ``outputs``): exit code 0, or 130 when stopped."""
+        """The ``done`` event (paths of the cards, metrics and ``outputs``): exit code 0, or 130 when stopped.
+
+        Under torchrun a stop asked for with the STOP file exits 0: torchrun reports any other code as a failed
+        job, though the checkpoint and cards are written and ``--resume`` continues. A signal still gives 130."""
         if result.interrupted:
+            if result.requested and self.context.world_size > 1:
+                self.tell(f"stopped on request after epoch {result.epochs_done}; resume with --resume")
+                return 0
             return 130
         paths = {"best": str(self.out / "best"), "last": str(self.out / "last"), **(outputs or {}),
                  "metrics": str(self.out / METRICS_CSV)}
