@@ -77,6 +77,8 @@ def describe_machine(device: torch.device) -> Dict[str, Any]:
         "load_average_start": load_average(),
         "os": platform.platform(terse=True), "python": platform.python_version(),
         "torch": torch.__version__, "monai": monai.__version__, "device": str(device),
+        # how OpenMP's idle threads wait (spin or sleep) changes timings on a loaded machine; None = the default
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -113,8 +115,9 @@ def machine_line(info: Mapping[str, Any]) -> str:
     gpu = f"; GPU {info['gpu']} ({info['gpu_memory_gib']} GiB)" if "gpu" in info else ""
     end = info.get("load_average_end")
     end_load = f", {end[0]} at end" if end else ""
+    wait = f", OMP_WAIT_POLICY={info['omp_wait_policy']}" if info.get("omp_wait_policy") else ""
     return (f"{info['date_utc']} UTC; {info['cpu']}, {info['cpu_cores_usable']} usable cores, torch threads "
-            f"{info['torch_threads']}, {info['ram_gib']} GiB RAM, load average {info['load_average_1min']} at start"
+            f"{info['torch_threads']}{wait}, {info['ram_gib']} GiB RAM, load average {info['load_average_1min']} at start"
             f"{end_load}{gpu}; device {info['device']}; {info['os']}, Python {info['python']}, torch {info['torch']}, "
             f"MONAI {info['monai']}")
 
