@@ -230,7 +230,7 @@ class ModelCatalog:
         from .download import install_model_zip
 
         folder = install_model_zip(entry.url, entry.sha256, self.download_dir(entry.id, entry.sha256),
-                                   progress=progress)
+                                   check_card=read_card, progress=progress)
         fresh = next((e for e in self.bundled() if e.id == entry.id and e.path == folder), None)
         if fresh is None:  # the catalog changed meanwhile: describe the folder itself
             fresh = self._entry(entry.id, entry.title, folder, entry.source, entry.description)

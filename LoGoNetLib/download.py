@@ -124,12 +124,11 @@ def _card_root(folder: Path) -> Path:
     raise LoGoNetError(f"the archive holds no {META} (expected a LoGoNet model card folder)")
 
 
-def install_model_zip(url: str, sha256: str, target: Path, progress: Optional[Progress] = None,
-                      timeout: float = 60.0) -> Path:
-    """Download, verify and unpack the zipped card at ``url`` into ``target`` (returned). On any error nothing
-    is left: neither the archive nor a partial folder."""
-    from .catalog import read_card
-
+def install_model_zip(url: str, sha256: str, target: Path, check_card: Callable[[Path], object],
+                      progress: Optional[Progress] = None, timeout: float = 60.0) -> Path:
+    """Download, verify and unpack the zipped card at ``url`` into ``target`` (returned). ``check_card(folder)``
+    raises :class:`LoGoNetError` for a card that cannot be used (the catalog passes its ``read_card``: this
+    module knows archives, not cards). On any error nothing is left: neither the archive nor a partial folder."""
     target = Path(target)
     if (target / META).is_file():
         return target
@@ -142,7 +141,7 @@ def install_model_zip(url: str, sha256: str, target: Path, progress: Optional[Pr
         safe_extract(archive, unpacked)
         card = _card_root(unpacked)
         try:
-            read_card(card)
+            check_card(card)
         except LoGoNetError as error:
             raise LoGoNetError(f"the downloaded model is not usable: {error}") from error
         os.replace(card, target)
