@@ -126,7 +126,22 @@ def validate_meta(meta: Any, path: Path) -> Dict[str, Any]:
     overlap = meta.get("metrics", {}).get("val_overlap") if isinstance(meta.get("metrics"), dict) else None
     if overlap is not None and not (_is_number(overlap) and 0.0 <= overlap < 1.0):
         raise _fail(path, f'"metrics.val_overlap" must be a number in [0, 1), got {overlap!r}')
+    _check_postprocessing(meta, path)
     return meta
+
+
+def _check_postprocessing(meta: Dict[str, Any], path: Path) -> None:
+    """``postprocessing.largest_component``: organ values of this card (``logonet postprocess`` writes it)."""
+    post = meta.get("postprocessing")
+    if post is None:
+        return
+    if not isinstance(post, dict):
+        raise _fail(path, '"postprocessing" must be an object')
+    values = post.get("largest_component", [])
+    organs = {entry.get("value") for entry in meta["labels"]} - {0}
+    if not isinstance(values, list) or not all(_is_int(v) and v in organs for v in values):
+        raise _fail(path, f'"postprocessing.largest_component" must list organ values of this card\'s labels, '
+                          f"got {values!r}")
 
 
 def card_folder(path: PathLike) -> Path:

@@ -28,6 +28,8 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "evaluate": ("logonet.evaluate", "per-organ Dice and 95th-percentile Hausdorff distance of a prediction against a reference"),
     "sample": ("logonet.data.sample", "fetch the sample CTs (offline-safe, via pip) and print where they are"),
     "phantom": ("logonet.data.phantom", "write synthetic abdominal CT phantoms in MSD layout"),
+    "postprocess": ("logonet.postprocess", "choose per organ, on validation cases, whether segment keeps only its "
+                                           "largest connected component"),
     "synth": ("logonet.data.synth", "synthetic labelled CTs from real TotalSegmentator label maps (MSD layout)"),
     "bench": ("logonet.bench", "speed, size and accuracy benchmarks against the paper's peers"),
     "demo": ("logonet.demo", "fetch the sample CT, segment it with the demo model, report Dice and time"),

@@ -109,7 +109,8 @@ def bundle(run_dir: Any, dest: Any = None, sample: Optional[Mapping[str, str]] =
     extras = {p.name: p.read_bytes() for p in dest.glob("*.md")} if dest.is_dir() else {}
     modelcard.save(dest, card.state_dict(), name="demo", architecture=card.architecture, labels=card.labels,
                    preprocessing=card.preprocessing, training=training, metrics=metrics,
-                   description=DEMO_DESCRIPTION, dtype=torch.float16)
+                   description=DEMO_DESCRIPTION, dtype=torch.float16,
+                   postprocessing=card.meta.get("postprocessing"))
     for name, data in extras.items():
         (dest / name).write_bytes(data)
     return dest

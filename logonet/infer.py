@@ -280,12 +280,14 @@ class Predictor:
                                                      else "running the whole inference on the CPU"))
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def predict(self, image: Any, box: Optional[Sequence[int]] = None, largest_component: bool = False,
+    def predict(self, image: Any, box: Optional[Sequence[int]] = None, largest_component: Optional[bool] = None,
                 name: str = "the input") -> Tuple[Any, Dict[str, float]]:
         """SimpleITK volume -> (SimpleITK label image on exactly ``image``'s grid, per-stage seconds).
 
         ``box`` = (x0, y0, z0, x1, y1, z1) voxel indices (end exclusive): only that box is segmented, the rest
-        of the output is background.
+        of the output is background. ``largest_component``: None keeps only the largest connected component of
+        the organs the card's ``postprocessing`` names (chosen on validation by ``logonet postprocess``), True
+        of every organ, False of none.
         """
         import SimpleITK as sitk
 
@@ -324,8 +326,9 @@ class Predictor:
             full = np.zeros(tuple(reversed(image.GetSize())), dtype=array.dtype)
             full[z0:z1, y0:y1, x0:x1] = array
             array = full
-        if largest_component:
-            array = keep_largest_component(array, self.card.label_values[1:])
+        single = self.largest_component_values(largest_component)
+        if single:
+            array = keep_largest_component(array, single)
         if not array.any():
             self._warn("no organ was found: the output is all background (is the input an abdominal CT in "
                        "Hounsfield units, and does the model fit it?)")
@@ -333,6 +336,12 @@ class Predictor:
         out.CopyInformation(image)
         timings["postprocess"] = time.perf_counter() - t
         return out, timings
+
+    def largest_component_values(self, largest_component: Optional[bool]) -> List[int]:
+        """The organs kept as one component: the card's choice (None), all (True) or none (False)."""
+        if largest_component is None:
+            return self.card.largest_component_values
+        return list(self.card.label_values[1:]) if largest_component else []
 
     def _check_intensities(self, image: Any) -> None:
         """Warn when the values do not look like Hounsfield units (no air, e.g. MR or a rescaled image)."""
@@ -345,7 +354,7 @@ class Predictor:
                        "is this an MR or a rescaled image? The result may be meaningless")
 
     def segment_file(self, input_path: PathLike, output_path: PathLike, *, box: Optional[str] = None,
-                     largest_component: bool = False, series: Optional[str] = None) -> Dict[str, Any]:
+                     largest_component: Optional[bool] = None, series: Optional[str] = None) -> Dict[str, Any]:
         """Read, segment, write (atomically, with label names). Returns timings and organ volumes."""
         import SimpleITK as sitk
 
@@ -385,7 +394,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--roi", dest="box", action=DeprecatedAlias, new="--box", help=argparse.SUPPRESS)
     parser.add_argument("--series", default=None, metavar="UID",
                         help="the DICOM series to segment when INPUT is a folder holding several")
-    parser.add_argument("--largest-component", action="store_true", help="keep each organ's largest component")
+    parser.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep only the largest connected component of every organ (--no-largest-component: "
+                             "of none; default: of the organs the model card names, chosen on validation cases "
+                             "by 'logonet postprocess')")
     parser.add_argument("--stats", default=None, metavar="CSV", help="write each organ's volume in mL")
     parser.add_argument("--sw-batch", type=int, default=4, help="windows per forward pass")
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])

@@ -23,7 +23,7 @@ from . import __version__
 from .atomic import ordinary_mode, write_json_atomic
 from .cardschema import (BUNDLED_DIR, FORMAT, FORMAT_VERSION, INTENSITY_LIMIT, MAX_CHANNELS,  # noqa: F401
                          MAX_IN_CHANNELS, MAX_LABEL_VALUE, META, ROI_SIDE_RANGE, SPACING_RANGE_MM, WEIGHTS,
-                         read_meta, resolve, validate_meta)
+                         card_folder, read_meta, resolve, validate_meta)
 from .errors import UserError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -90,6 +90,12 @@ class ModelCard:
         """The sliding-window overlap of the validation that chose this checkpoint (``segment``'s default)."""
         value = self.meta.get("metrics", {}).get("val_overlap")
         return None if value is None else float(value)
+
+    @property
+    def largest_component_values(self) -> List[int]:
+        """The organs whose largest connected component alone is kept by default (``logonet postprocess``
+        chose them on validation cases; none for a card without that choice)."""
+        return [int(v) for v in self.meta.get("postprocessing", {}).get("largest_component", [])]
 
     @property
     def spacing(self) -> Tuple[float, float, float]:
@@ -199,9 +205,10 @@ def _tensors_to_store(model: Union[nn.Module, Mapping[str, torch.Tensor]],
 
 def _card_meta(name: str, description: str, architecture: Mapping[str, Any], labels: Sequence[Mapping[str, Any]],
                preprocessing: Mapping[str, Any], training: Optional[Mapping[str, Any]],
-               metrics: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+               metrics: Optional[Mapping[str, Any]], postprocessing: Optional[Mapping[str, Any]] = None
+               ) -> Dict[str, Any]:
     """``model.json``'s content, before the weights hash is added."""
-    return {
+    meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "name": name, "description": description,
         "architecture": {"name": architecture["name"], "preset": architecture.get("preset"),
@@ -215,12 +222,15 @@ def _card_meta(name: str, description: str, architecture: Mapping[str, Any], lab
         "metrics": dict(metrics or {}),
         "logonet_version": __version__,
     }
+    if postprocessing:
+        meta["postprocessing"] = dict(postprocessing)
+    return meta
 
 def save(out_dir: PathLike, model: Union[nn.Module, Mapping[str, torch.Tensor]], *, name: str,
          architecture: Mapping[str, Any], labels: Sequence[Mapping[str, Any]],
          preprocessing: Mapping[str, Any], training: Optional[Mapping[str, Any]] = None,
          metrics: Optional[Mapping[str, Any]] = None, description: str = "",
-         dtype: Optional[torch.dtype] = None) -> Path:
+         dtype: Optional[torch.dtype] = None, postprocessing: Optional[Mapping[str, Any]] = None) -> Path:
     """Write a model card folder atomically and return its path.
 
     The card is assembled in a temporary sibling folder and swapped in, so a reader never sees new weights
@@ -233,7 +243,7 @@ def save(out_dir: PathLike, model: Union[nn.Module, Mapping[str, torch.Tensor]],
 
     out_dir = Path(out_dir)
     tensors = _tensors_to_store(model, dtype)
-    meta = _card_meta(name, description, architecture, labels, preprocessing, training, metrics)
+    meta = _card_meta(name, description, architecture, labels, preprocessing, training, metrics, postprocessing)
     validate_meta(json.loads(json.dumps(meta)), out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=str(out_dir.parent)))
@@ -260,3 +270,14 @@ def save(out_dir: PathLike, model: Union[nn.Module, Mapping[str, torch.Tensor]],
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return out_dir
+
+
+def update_meta(path: PathLike, **fields: Any) -> Path:
+    """Set top-level ``model.json`` fields of an existing card (validated, written atomically); the weights and
+    their hash are untouched. Returns the card folder."""
+    folder = card_folder(path)
+    meta = read_meta(folder)
+    meta.update(fields)
+    validate_meta(json.loads(json.dumps(meta)), folder)
+    write_json_atomic(meta, folder / META)
+    return folder
