@@ -9,6 +9,8 @@
 #       on NPROC=2 torchrun ranks (one core each), 12 epochs at a quarter of the learning rate
 #       demo4: stage 3 as demo3, but its 60 new synthetic CTs (seed 3) have organs grown or shrunk (spleen x0.8-1.5,
 #       ...) and half of them are thin slabs: organ sizes other than the one source patient's
+#   scripts/default_model.sh postprocess ARM SEED # per organ, keep only the largest component where that raises
+#                                              # Dice on both synthetic validation sets (written into the card)
 #   scripts/default_model.sh evaluate ARM SEED # logonet segment + evaluate on the unseen DICOM series and the
 #                                              # training scan (after training: never feeds back into it)
 #   scripts/default_model.sh synthval MODEL [SET] # mean Dice of a model card on a synthetic validation set
@@ -73,6 +75,10 @@ case "${1:-}" in
     launch finetune "${data[@]}" --repeats "${repeats[@]}" --val-data "$RUNS/default-synth-val" \
       --out "$out" "${COMMON[@]}" "${epochs[@]}" --warmup 1 --lr $lr --seed "$seed" \
       --name default --fp16-weights "${init[@]}" "${resume[@]}"
+    ;;
+  postprocess)
+    $LOGONET postprocess "$RUNS/default-${2:?arm}-s${3:?seed}/best" --val-data "$RUNS/default-synth-val" \
+      "$RUNS/default-synth-val2"
     ;;
   evaluate)
     run="$RUNS/default-${2:?scratch or ssl}-s${3:?seed}"
