@@ -14,8 +14,8 @@ from logonet.demo import overlay_png, prepare_dataset
 
 #: Floors for the bundled model, a little under what it measures (Resources/Models/demo/REPRODUCE.md): the
 #: training scan proves the pipeline; the unseen DICOM series (never trained on) measures the model.
-MIN_TRAINING_SCAN_DICE = 0.85  # it measures 0.885
-MIN_UNSEEN_DICE = 0.28  # it measures 0.310: liver, aorta, stomach, some IVC (issue 11 is open)
+MIN_TRAINING_SCAN_DICE = 0.85  # it measures 0.891
+MIN_UNSEEN_DICE = 0.30  # it measures 0.329: liver, aorta, stomach, some IVC (issue 11 is open)
 
 
 def test_prepare_dataset_is_a_valid_msd_folder(sample_ct, tmp_path):

@@ -1,7 +1,8 @@
 """Scratch vs SSL-initialised default-model runs as markdown tables (REPRODUCE.md, docs/benchmarks.md).
 
-Reads RUNS/default-{scratch,ssl}-sSEED/eval/{unseen,training}_dice.csv (written by
-``scripts/default_model.sh evaluate``) and each run's best card (synthetic-validation Dice, the only figure that
+Reads RUNS/default-ARM-sSEED/eval/{unseen,training}_dice.csv (written by ``scripts/default_model.sh evaluate``;
+a run evaluated again after ``postprocess`` keeps its earlier figures in ``eval.nopost/``, shown as an extra
+column) and each run's best card (synthetic-validation Dice, the only figure that
 chose the checkpoint, and wall time). Usage: ``python scripts/arm_table.py [RUNS]``;
 ``python scripts/arm_table.py --synthval DIR`` prints the mean Dice of the ``evaluate`` CSVs in DIR (one per
 synthetic validation case).
@@ -33,14 +34,21 @@ def runs_of(root: Path) -> List[Path]:
     return found
 
 
+#: evaluation folders of a run -> column suffix ("eval" holds the run's figures with its card's default settings)
+EVALS = (("eval.nopost", " without post-processing"), ("eval", ""))
+
+
 def table(runs: List[Path], which: str) -> str:
-    dice = {run.name: read_dice(run / "eval" / f"{which}_dice.csv") for run in runs}
+    columns = [(run, folder, run.name.replace("default-", "") + suffix) for run in runs for folder, suffix in EVALS
+               if (run / folder / f"{which}_dice.csv").is_file()]
+    dice = {column: read_dice(run / folder / f"{which}_dice.csv") for run, folder, column in columns}
     organs = [name for name in next(iter(dice.values())) if name != "mean"]
-    arms = {arm: [r.name for r in runs if r.name.startswith(f"default-{arm}-")] for arm in ARMS}
-    head = ["organ"] + [r.name.replace("default-", "") for r in runs] + [f"{a} mean" for a in arms if arms[a]]
+    arms = {arm: [r.name.replace("default-", "") for r in runs if r.name.startswith(f"default-{arm}-")]
+            for arm in ARMS}
+    head = ["organ"] + [column for _, _, column in columns] + [f"{a} mean" for a in arms if arms[a]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for organ in organs + ["mean"]:
-        cells = [f"{dice[r.name].get(organ, float('nan')):.3f}" for r in runs]
+        cells = [f"{dice[column].get(organ, float('nan')):.3f}" for _, _, column in columns]
         cells += [f"{statistics.mean(dice[n][organ] for n in names):.3f}" for names in arms.values() if names]
         label = f"**mean of {len(organs)}**" if organ == "mean" else organ
         lines.append("| " + " | ".join([label] + cells) + " |")
