@@ -253,3 +253,14 @@ def test_btcv_schema_and_totalsegmentator_map():
     entries = labels.btcv_label_dicts([6, 1])
     assert [e["value"] for e in entries] == [1, 6]
     assert entries[0]["terminology"]["type"] == ["SCT", "78961009", "Spleen"]
+
+
+def test_a_folder_without_dicom_is_an_empty_answer_without_itk_noise(tmp_path, capfd):
+    import SimpleITK as sitk
+
+    from logonet.data import volumes
+
+    (tmp_path / "notes.txt").write_text("not DICOM")
+    assert volumes.dicom_series(tmp_path) == []
+    assert "No Series were found" not in capfd.readouterr().err
+    assert sitk.ProcessObject.GetGlobalWarningDisplay()  # ITK's own setting is put back

@@ -77,7 +77,14 @@ def dicom_series(folder: PathLike) -> List[Tuple[str, List[str]]]:
     """DICOM series directly inside ``folder`` as ``[(series_uid, sorted file names), ...]``, largest first."""
     folder = str(folder)
     found = []
-    for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder):
+    # ITK prints "No Series were found" to stderr for any folder without DICOM; here that is an answer, not news.
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+    for uid in uids:
         files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid))
         if files:
             found.append((uid, files))
