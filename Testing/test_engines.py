@@ -4,7 +4,6 @@ by weights hash and window (the second call exports nothing), a missing package 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np

@@ -8,9 +8,7 @@ from torch import nn
 from logonet.events import ProgressReporter
 from logonet.train import engine as eng
 from logonet.train import loader as loading
-from logonet.train.checkpoints import load_checkpoint
 from logonet.train.distributed import DistContext
-from logonet.runtime import resolve_amp, select_device
 
 
 def _data(n: int = 64) -> torch.utils.data.TensorDataset:

@@ -16,7 +16,6 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .errors import UserError
 
 
 def prepare_dataset(out: Any, sample: Optional[Mapping[str, str]] = None) -> Path:

@@ -226,6 +226,7 @@ def _card_meta(name: str, description: str, architecture: Mapping[str, Any], lab
         meta["postprocessing"] = dict(postprocessing)
     return meta
 
+
 def save(out_dir: PathLike, model: Union[nn.Module, Mapping[str, torch.Tensor]], *, name: str,
          architecture: Mapping[str, Any], labels: Sequence[Mapping[str, Any]],
          preprocessing: Mapping[str, Any], training: Optional[Mapping[str, Any]] = None,
