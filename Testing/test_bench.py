@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -201,3 +202,26 @@ def test_gpu_script_runs_on_the_cpu_with_tiny_sizes(tmp_path, capsys):
     assert step["status"] == "ok" and step["step_s"] > 0 and step["amp"] == "off"
     assert cli.main(["bench", "gpu", "--tiny", "--device", "cpu", "--variants", "fp64", "--out", str(tmp_path)]) == 2
     assert "unknown --variants ['fp64']" in capsys.readouterr().err
+
+
+def test_volume_paper_cards_use_the_papers_setting_and_the_targets_are_stated(monkeypatch, tmp_path):
+    from logonet.bench import volume
+
+    made = []
+    monkeypatch.setattr(volume, "random_card", lambda folder, **kwargs: made.append(kwargs) or folder)
+    assert volume.model_card("swinunetr-paper", tmp_path) == tmp_path / "swinunetr-paper"
+    assert volume.model_card("logonet-S-paper", tmp_path) == tmp_path / "logonet-S-paper"
+    assert volume.model_card("/some/card", tmp_path) == Path("/some/card")
+    assert [(m["model_name"], m["preset"]) for m in made] == [("swinunetr", None), ("logonet", "S")]
+    assert all(m["preprocessing"] == {"spacing": [1.5, 1.5, 2.0], "roi_size": [96, 96, 96],
+                                      "intensity_window": [-175.0, 250.0]} for m in made)
+
+    rows = [{"model": "logonet-S-paper", "case": "btcv", "overlap": 0.5, "total_s": 40.0, "peak_mib": 5000.0},
+            {"model": "swinunetr-paper", "case": "btcv", "overlap": 0.5, "total_s": 100.0, "peak_mib": 3000.0},
+            {"model": "logonet-S-paper", "case": "sample", "overlap": 0.5, "total_s": 9.0, "peak_mib": 7000.0}]
+    (note,) = volume.paper_notes(rows)  # the sample row has no SwinUNETR partner: no note
+    assert note.startswith("btcv, overlap 0.5: LoGoNet-S / SwinUNETR-48 total time 0.40 (40.0 s / 100.0 s)")
+    assert "target <= 0.5 met" in note and "4.88 GiB: target < 6 GB met" in note
+    rows[0].update(total_s=60.0, peak_mib=6000.0)
+    (note,) = volume.paper_notes(rows)
+    assert "target <= 0.5 MISSED" in note and "target < 6 GB MISSED" in note

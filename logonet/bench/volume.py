@@ -1,7 +1,9 @@
 """``logonet bench volume``: whole-volume segmentation wall time and peak memory per stage (load model, read,
 resample, infer, resample back, write) with :class:`logonet.infer.Predictor`, on the sample CT and on a
 BTCV-sized synthetic volume (512x512x120 at 0.8x0.8x2.5 mm), for the demo model and LoGoNet-S with random
-weights, at sliding-window overlaps 0.25 and 0.5.
+weights, at sliding-window overlaps 0.25 and 0.5. ``logonet-S-paper`` and ``swinunetr-paper`` are random-weight
+cards at the paper's setting (1.5x1.5x2 mm, 96^3 windows): issue 14's BTCV-volume comparison,
+``--models logonet-S-paper,swinunetr-paper --cases btcv --overlaps 0.25``.
 """
 from __future__ import annotations
 
@@ -18,6 +20,10 @@ from . import common
 STAGES = [("load_model", "load model"), ("read", "read"), ("preprocess", "resample"), ("inference", "infer"),
           ("postprocess", "resample back"), ("write", "write")]
 RANDOM_S = "logonet-S-random"
+#: Random-weight cards at the paper's setting -> (registry name, preset)
+PAPER_CARDS = {"logonet-S-paper": ("logonet", "S"), "swinunetr-paper": ("swinunetr", None)}
+#: The paper's preprocessing for BTCV (paper-facts: 1.5x1.5x2 mm, 96^3 crops, HU window -175..250)
+PAPER_PREPROCESSING = {"spacing": [1.5, 1.5, 2.0], "roi_size": [96, 96, 96], "intensity_window": [-175.0, 250.0]}
 BTCV_SHAPE, BTCV_SPACING = (512, 512, 120), (0.8, 0.8, 2.5)
 
 TIME_COLUMNS: List[common.Column] = (
@@ -33,8 +39,9 @@ MEMORY_COLUMNS: List[common.Column] = (
 def configure(parser: argparse.ArgumentParser) -> None:
     common.add_common_arguments(parser)
     parser.add_argument("--models", default=None,
-                        help=f"comma-separated model cards: 'demo', '{RANDOM_S}' or a card folder "
-                             f"(default: demo,{RANDOM_S})")
+                        help=f"comma-separated model cards: 'demo', '{RANDOM_S}', "
+                             f"{', '.join(repr(m) for m in PAPER_CARDS)} (random weights at the paper's 1.5x1.5x2 mm "
+                             f"and 96^3) or a card folder (default: demo,{RANDOM_S})")
     parser.add_argument("--cases", default="sample,btcv",
                         help="comma-separated: 'sample' (the sample CT), 'btcv' (synthetic, --synthetic-shape) "
                              "or a volume file")
@@ -72,8 +79,9 @@ def synthetic_volume(shape: Sequence[int], spacing: Sequence[float], seed: int =
     return sitk.Resample(small, reference, sitk.Transform(), sitk.sitkLinear, -1024.0, sitk.sitkInt16)
 
 
-def random_card(folder: Path, like: str = "demo") -> Path:
-    """A LoGoNet-S model card with random weights and the demo card's labels and preprocessing."""
+def random_card(folder: Path, like: str = "demo", name: str = RANDOM_S, model_name: str = "logonet",
+                preset: Optional[str] = "S", preprocessing: Optional[Dict[str, Any]] = None) -> Path:
+    """A model card with random weights and the demo card's labels; its preprocessing unless given."""
     import torch
 
     from .. import modelcard
@@ -81,11 +89,23 @@ def random_card(folder: Path, like: str = "demo") -> Path:
 
     card = modelcard.load_model(like)
     torch.manual_seed(0)
-    model = build_model("logonet", out_channels=card.out_channels, preset="S")
-    return modelcard.save(folder, model, name=RANDOM_S, labels=card.labels, preprocessing=card.preprocessing,
-                          architecture={"name": "logonet", "preset": "S", "in_channels": 1,
+    model = build_model(model_name, out_channels=card.out_channels, preset=preset)
+    return modelcard.save(folder, model, name=name, labels=card.labels,
+                          preprocessing=preprocessing or card.preprocessing,
+                          architecture={"name": model_name, "preset": preset, "in_channels": 1,
                                         "out_channels": card.out_channels, "kwargs": {}},
-                          description="LoGoNet-S with random weights (bench volume)")
+                          description=f"{name}: random weights (bench volume)")
+
+
+def model_card(model: str, work: Path) -> Path:
+    """The card a ``--models`` entry names: a random-weight one made in ``work``, or a card folder / 'demo'."""
+    if model == RANDOM_S:
+        return random_card(work / "random_s")
+    if model in PAPER_CARDS:
+        name, preset = PAPER_CARDS[model]
+        return random_card(work / model, name=model, model_name=name, preset=preset,
+                           preprocessing=PAPER_PREPROCESSING)
+    return Path(model)
 
 
 class StageRecorder(ProgressReporter):
@@ -172,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
                 else:
                     sources[case] = Path(case)
             if model not in cards:
-                cards[model] = random_card(work / "random_s") if model == RANDOM_S else Path(model)
+                cards[model] = model_card(model, work)
             reporter.emit("stage", stage="run", model=model, case=case, overlap=overlap)
             row: Dict[str, Any] = {"model": model, "case": case, "overlap": overlap}
             row.update(segment_case(cards[model], sources[case], work / "seg.nii.gz", overlap, device,
@@ -194,4 +214,24 @@ def run(args: argparse.Namespace) -> int:
     for row in demo:
         notes.append(f"Demo model on the sample CT at overlap {row['overlap']}: {row['total_s']:.1f} s wall "
                      f"including model load: target < 20 s {common.verdict(row['total_s'] < 20.0)}.")
+    notes += paper_notes(rows)
     return common.finish(args, reporter, "volume", "Whole-volume segmentation", machine, sections, notes)
+
+
+def paper_notes(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """Issue 14's BTCV-volume targets, where a run has both paper cards on the same case and overlap: LoGoNet-S
+    at most 0.5x SwinUNETR-48's total time, and a peak RSS under 6 GB."""
+    notes = []
+    for row in rows:
+        if row["model"] != "logonet-S-paper":
+            continue
+        swin = next((r for r in rows if r["model"] == "swinunetr-paper" and r["case"] == row["case"]
+                     and r["overlap"] == row["overlap"]), None)
+        if swin is None:
+            continue
+        ratio = row["total_s"] / swin["total_s"]
+        notes.append(f"{row['case']}, overlap {row['overlap']}: LoGoNet-S / SwinUNETR-48 total time {ratio:.2f} "
+                     f"({row['total_s']:.1f} s / {swin['total_s']:.1f} s): target <= 0.5 "
+                     f"{common.verdict(ratio <= 0.5)}; LoGoNet-S peak {row['peak_mib'] / 1024:.2f} GiB: "
+                     f"target < 6 GB {common.verdict(row['peak_mib'] * 2 ** 20 < 6e9)}.")
+    return notes
