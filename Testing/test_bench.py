@@ -221,7 +221,7 @@ def test_volume_paper_cards_use_the_papers_setting_and_the_targets_are_stated(mo
             {"model": "logonet-S-paper", "case": "sample", "overlap": 0.5, "total_s": 9.0, "peak_mib": 7000.0}]
     (note,) = volume.paper_notes(rows)  # the sample row has no SwinUNETR partner: no note
     assert note.startswith("btcv, overlap 0.5: LoGoNet-S / SwinUNETR-48 total time 0.40 (40.0 s / 100.0 s)")
-    assert "target <= 0.5 met" in note and "4.88 GiB: target < 6 GB met" in note
+    assert "target <= 0.5 met" in note and "5.24 GB (5000 MiB): target < 6 GB met" in note
     rows[0].update(total_s=60.0, peak_mib=6000.0)
     (note,) = volume.paper_notes(rows)
     assert "target <= 0.5 MISSED" in note and "target < 6 GB MISSED" in note
