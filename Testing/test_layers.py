@@ -18,7 +18,7 @@ LAYERS: Dict[str, int] = {
     "logonet.errors": 0, "logonet.events": 0, "logonet.atomic": 0, "logonet.cardschema": 0,
     "logonet.runtime": 1, "logonet.nets": 1, "logonet.data": 1,
     "logonet.modelcard": 2,
-    "logonet.infer": 3, "logonet.evaluate": 3, "logonet.engines": 3,
+    "logonet.infer": 3, "logonet.evaluate": 3, "logonet.engines": 3, "logonet.postprocess": 3,
     "logonet.train": 4, "logonet.ssl": 4,
     "logonet.bench": 5, "logonet.demo": 5,
     "logonet.cli": 6, "logonet.__main__": 6,
