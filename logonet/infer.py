@@ -553,7 +553,9 @@ def _segment_jobs(predictor: Optional[Predictor], args: argparse.Namespace, jobs
         done.append((index, result))
         timing_text = ", ".join(f"{k} {v:.2f}s" for k, v in result["timings"].items())
         if reporter.mode != "jsonl":
-            print(f"{src} -> {dst} ({timing_text})" + (f" [rank {rank}]" if world > 1 else ""), file=sys.stderr)
+            # One write per line: print() writes the text and the newline separately, and with unbuffered
+            # stderr (PYTHONUNBUFFERED) two torchrun ranks' lines then interleave mid-line.
+            sys.stderr.write(f"{src} -> {dst} ({timing_text})" + (f" [rank {rank}]" if world > 1 else "") + "\n")
     if batch:
         reporter.emit("progress", step=len(jobs), total=len(jobs), stage="cases")
     return done, failures
