@@ -18,8 +18,6 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .errors import UserError
-
 
 def choose_largest_component(cases: Sequence[Mapping[str, Any]], names: Mapping[int, str]) -> Dict[str, Any]:
     """The choice from scored cases: ``cases`` = [{"without": score rows, "with": score rows}] (rows of
@@ -60,18 +58,15 @@ def determine_postprocessing(card: Any, val_data: Sequence[Any], device: str = "
     from .infer import Predictor, keep_largest_component
 
     reporter = reporter or ProgressReporter("none")
-    cases = [case for folder in val_data for case in datasets.validate(folder, require_labels=True).labeled()]
-    if not cases:
-        raise UserError("the --val-data folders hold no labelled cases")
+    # validate refuses an empty folder and labels off their image's grid, every problem before any segmenting
+    cases = [case for folder in val_data
+             for case in datasets.validate(folder, require_labels=True, tol=volumes.GEOMETRY_TOL).labeled()]
     predictor = Predictor(card, device=device, engine=engine, reporter=reporter)
     organs = list(predictor.card.label_values[1:])
     scored = []
     for case in reporter.iterate(cases, total=len(cases), desc="postprocess"):
         image = volumes.read_image(case["image"])
         reference = volumes.read_image(case["label"])
-        if not volumes.same_geometry(image, reference):
-            raise UserError(f"{case['label']}: not on its image's grid "
-                            f"({'; '.join(volumes.geometry_differences(image, reference))})")
         labels, _ = predictor.predict(image, largest_component=False, name=str(case["image"]))
         pred = sitk.GetArrayFromImage(labels)
         ref = sitk.GetArrayFromImage(reference)
