@@ -4,6 +4,7 @@
   all 13 BTCV organs in every case). Treat it as read-only; copy it if a test must modify it.
 - ``phantom_unlabeled``: same layout, 4 unlabelled 48^3 phantoms (seed 1), ``training`` entries without labels.
 - ``make_phantom_dataset(cases=2, size=32, seed=0, unlabeled=False)``: session-cached factory for other sizes.
+- ``tiny_card``: session-scoped random-weight LoGoNet-T model card (2 organs, 32^3 windows); read-only.
 - ``sample_ct``: ``logonet.data.sample.fetch_sample()`` paths (downloads once into the user cache, or
   ``$LOGONET_CACHE/sample``; later runs are instant). Keys: root, ct, ct_labels, ct_labels_totalseg, dicom,
   dicom_labels, dicom_labels_totalseg, ct_fine.
@@ -68,3 +69,20 @@ def sample_ct() -> Dict[str, str]:
     from logonet.data.sample import fetch_sample
 
     return fetch_sample()
+
+
+@pytest.fixture(scope="session")
+def tiny_card(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny LoGoNet-T card (random weights, seed 0; spleen and liver; 3 mm, 32^3 windows): segmentation's
+    plumbing, not its accuracy. Read-only: copy it to change it."""
+    import torch
+
+    from logonet import modelcard
+    from logonet.data.labels import btcv_label_dicts
+
+    torch.manual_seed(0)
+    arch = {"name": "logonet", "preset": "T", "in_channels": 1, "out_channels": 3, "kwargs": {}}
+    return modelcard.save(tmp_path_factory.mktemp("card") / "tiny", modelcard.build_network(arch).state_dict(),
+                          name="tiny", architecture=arch, labels=btcv_label_dicts([1, 6]),
+                          preprocessing={"spacing": [3.0, 3.0, 3.0], "intensity_window": [-175.0, 250.0],
+                                         "roi_size": [32, 32, 32]})

@@ -156,20 +156,6 @@ def test_cpu_sync_batchnorm_outside_a_group_is_plain_batchnorm():
     torch.testing.assert_close(synced[1](x), reference(x))
 
 
-@pytest.fixture(scope="module")
-def tiny_card(tmp_path_factory):
-    """A tiny LoGoNet-T card (random weights, 2 organs): segmentation's plumbing, not its accuracy."""
-    from logonet import modelcard
-    from logonet.data.labels import btcv_label_dicts
-
-    torch.manual_seed(0)
-    arch = {"name": "logonet", "preset": "T", "in_channels": 1, "out_channels": 3, "kwargs": {}}
-    return modelcard.save(tmp_path_factory.mktemp("card") / "tiny", modelcard.build_network(arch).state_dict(),
-                          name="tiny", architecture=arch, labels=btcv_label_dicts([1, 6]),
-                          preprocessing={"spacing": [3.0, 3.0, 3.0], "intensity_window": [-175.0, 250.0],
-                                         "roi_size": [32, 32, 32]})
-
-
 @pytest.mark.slow
 def test_torchrun_batch_segmentation_shards_cases_by_rank(tiny_card, tmp_path):
     """5 cases on 2 ranks: rank 0 segments cases 0, 2, 4 and rank 1 cases 1, 3; every case is written once,

@@ -36,19 +36,6 @@ def test_an_organ_is_chosen_only_where_its_mean_dice_rises():
     assert "spleen" in table and "largest only" in table.splitlines()[2] and table.splitlines()[3].endswith("all")
 
 
-@pytest.fixture(scope="module")
-def tiny_card(tmp_path_factory):
-    """A tiny LoGoNet-T card with random weights and two organs."""
-    from logonet.data.labels import btcv_label_dicts
-
-    torch.manual_seed(0)
-    arch = {"name": "logonet", "preset": "T", "in_channels": 1, "out_channels": 3, "kwargs": {}}
-    return modelcard.save(tmp_path_factory.mktemp("card") / "tiny", modelcard.build_network(arch).state_dict(),
-                          name="tiny", architecture=arch, labels=btcv_label_dicts([1, 6]),
-                          preprocessing={"spacing": [3.0, 3.0, 3.0], "intensity_window": [-175.0, 250.0],
-                                         "roi_size": [32, 32, 32]})
-
-
 def test_the_card_keeps_a_valid_choice_and_refuses_other_values(tiny_card, tmp_path):
     import shutil
 
