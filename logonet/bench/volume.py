@@ -20,10 +20,14 @@ from . import common
 STAGES = [("load_model", "load model"), ("read", "read"), ("preprocess", "resample"), ("inference", "infer"),
           ("postprocess", "resample back"), ("write", "write")]
 RANDOM_S = "logonet-S-random"
-#: Random-weight cards at the paper's setting -> (registry name, preset)
-PAPER_CARDS = {"logonet-S-paper": ("logonet", "S"), "swinunetr-paper": ("swinunetr", None)}
 #: The paper's preprocessing for BTCV (paper-facts: 1.5x1.5x2 mm, 96^3 crops, HU window -175..250)
 PAPER_PREPROCESSING = {"spacing": [1.5, 1.5, 2.0], "roi_size": [96, 96, 96], "intensity_window": [-175.0, 250.0]}
+#: ``--models`` names of random-weight cards -> (registry name, preset, preprocessing; None = the demo card's)
+RANDOM_CARDS: Dict[str, Tuple[str, Optional[str], Optional[Dict[str, Any]]]] = {
+    RANDOM_S: ("logonet", "S", None),
+    "logonet-S-paper": ("logonet", "S", PAPER_PREPROCESSING),
+    "swinunetr-paper": ("swinunetr", None, PAPER_PREPROCESSING),
+}
 BTCV_SHAPE, BTCV_SPACING = (512, 512, 120), (0.8, 0.8, 2.5)
 
 TIME_COLUMNS: List[common.Column] = (
@@ -40,8 +44,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     common.add_common_arguments(parser)
     parser.add_argument("--models", default=None,
                         help=f"comma-separated model cards: 'demo', '{RANDOM_S}', "
-                             f"{', '.join(repr(m) for m in PAPER_CARDS)} (random weights at the paper's 1.5x1.5x2 mm "
-                             f"and 96^3) or a card folder (default: demo,{RANDOM_S})")
+                             f"{', '.join(repr(m) for m in RANDOM_CARDS if m != RANDOM_S)} (random weights at the "
+                             f"paper's 1.5x1.5x2 mm and 96^3) or a card folder (default: demo,{RANDOM_S})")
     parser.add_argument("--cases", default="sample,btcv",
                         help="comma-separated: 'sample' (the sample CT), 'btcv' (synthetic, --synthetic-shape) "
                              "or a volume file")
@@ -79,9 +83,9 @@ def synthetic_volume(shape: Sequence[int], spacing: Sequence[float], seed: int =
     return sitk.Resample(small, reference, sitk.Transform(), sitk.sitkLinear, -1024.0, sitk.sitkInt16)
 
 
-def random_card(folder: Path, like: str = "demo", name: str = RANDOM_S, model_name: str = "logonet",
-                preset: Optional[str] = "S", preprocessing: Optional[Dict[str, Any]] = None) -> Path:
-    """A model card with random weights and the demo card's labels; its preprocessing unless given."""
+def random_card(folder: Path, name: str, model_name: str, preset: Optional[str],
+                preprocessing: Optional[Dict[str, Any]] = None, like: str = "demo") -> Path:
+    """A model card with random weights and the ``like`` card's labels; its preprocessing unless given."""
     import torch
 
     from .. import modelcard
@@ -98,14 +102,12 @@ def random_card(folder: Path, like: str = "demo", name: str = RANDOM_S, model_na
 
 
 def model_card(model: str, work: Path) -> Path:
-    """The card a ``--models`` entry names: a random-weight one made in ``work``, or a card folder / 'demo'."""
-    if model == RANDOM_S:
-        return random_card(work / "random_s")
-    if model in PAPER_CARDS:
-        name, preset = PAPER_CARDS[model]
-        return random_card(work / model, name=model, model_name=name, preset=preset,
-                           preprocessing=PAPER_PREPROCESSING)
-    return Path(model)
+    """The card a ``--models`` entry names: a random-weight one (:data:`RANDOM_CARDS`) made in ``work``, or a
+    card folder / 'demo'."""
+    if model not in RANDOM_CARDS:
+        return Path(model)
+    model_name, preset, preprocessing = RANDOM_CARDS[model]
+    return random_card(work / model, name=model, model_name=model_name, preset=preset, preprocessing=preprocessing)
 
 
 class StageRecorder(ProgressReporter):
