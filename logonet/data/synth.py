@@ -15,8 +15,8 @@ bowel). Each synthetic case:
 5. sometimes keeps only a thin axial slab (a partial field of view, like a 20-slice series), air elsewhere;
 6. writes the HU image (int16) and the BTCV label map on the source's exact grid (MSD layout).
 
-Only the label-to-HU synthesis and the per-organ resizing (steps 1b, 2, 3 and 5) are written here: no library draws CT tissue intensities
-from label maps. Case ``i`` of seed ``s`` is the same whatever ``--cases`` is.
+Only the per-organ resizing (in step 1) and the label-to-HU synthesis (steps 2, 3 and 5) are written here: no
+library resizes single labelled organs or draws CT tissue intensities from label maps. Case ``i`` of seed ``s`` is the same whatever ``--cases`` is.
 """
 from __future__ import annotations
 
