@@ -228,3 +228,61 @@ def test_persistent_cache_skips_preprocessing_on_the_second_epoch(cases, tmp_pat
     with pytest.raises(RuntimeError) as caught:  # MONAI wraps the transform's error
         other[0]
     assert "read again although it is cached" in str(caught.value.__cause__)
+
+
+def test_antialias_sigma_follows_the_downsampling_factor():
+    from logonet.data.transforms import antialias_sigma
+
+    assert antialias_sigma((1.0, 1.0, 2.0), (3.0, 3.0, 3.0)) == pytest.approx((1.0, 1.0, 0.25))
+    assert antialias_sigma((3.0, 3.0, 3.0), (3.0, 3.0, 3.0)) == (0.0, 0.0, 0.0)
+    assert antialias_sigma((5.0, 0.5, 3.0), (3.0, 3.0, 3.0)) == pytest.approx((0.0, 2.5, 0.0))  # upsampling: none
+
+
+def noise_scan(spacing, size=(60, 60, 30), seed=0) -> sitk.Image:
+    """A water cylinder in air with 40 HU white noise per voxel, as a fine-grid CT has."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.mgrid[:size[2], :size[1], :size[0]]
+    body = (x - size[0] / 2) ** 2 + (y - size[1] / 2) ** 2 < (0.4 * size[0]) ** 2
+    hu = np.where(body, 40.0, -1000.0) + rng.normal(0, 40.0, body.shape)
+    image = sitk.GetImageFromArray(hu.astype(np.float32))
+    image.SetSpacing(spacing)
+    return image
+
+
+def test_antialiasing_takes_a_fine_scans_noise_down_and_leaves_a_native_one_alone():
+    fine = noise_scan((1.0, 1.0, 2.0))
+    # No foreground crop: the low-pass softens the body's edge, so the crop could differ by a voxel.
+    on = PreprocessConfig(spacing=(3.0, 3.0, 3.0), crop_foreground=False)
+    off = PreprocessConfig(spacing=(3.0, 3.0, 3.0), crop_foreground=False, antialias=False)
+    smooth, raw = preprocess_for_inference(fine, on), preprocess_for_inference(fine, off)
+    assert smooth.shape == raw.shape
+    np.testing.assert_allclose(smooth.affine.numpy(), raw.affine.numpy(), atol=1e-9)  # same grid
+    centre = (0, slice(6, 14), slice(6, 14), slice(3, 7))  # inside the cylinder, away from its edge
+    # 40 HU / 425 HU window = 0.094 per voxel; interpolation alone keeps most of it, the low-pass about a third.
+    assert float(raw[centre].std()) > 0.06
+    assert float(smooth[centre].std()) < 0.5 * float(raw[centre].std())
+    assert float(smooth[centre].mean()) == pytest.approx(float(raw[centre].mean()), abs=0.01)  # HU kept
+    native = noise_scan((3.0, 3.0, 3.0), size=(20, 20, 10))
+    np.testing.assert_array_equal(preprocess_for_inference(native, on).numpy(),
+                                  preprocess_for_inference(native, off).numpy())
+
+
+def test_antialias_is_an_inference_field_of_the_card():
+    cfg = PreprocessConfig(antialias=False)
+    assert cfg.card_dict()["antialias"] is False
+    assert PreprocessConfig.from_dict(cfg.card_dict()).antialias is False
+    assert PreprocessConfig.from_dict({"spacing": [3, 3, 3]}).antialias is True  # older cards: on
+    with pytest.raises(UserError, match="antialias must be true or false"):
+        PreprocessConfig(antialias="yes")
+
+
+def test_antialiasing_leaves_the_callers_tensor_alone():
+    from logonet.data.transforms import AntiAliasd
+
+    image = volumes.image_to_metatensor(noise_scan((1.0, 1.0, 2.0), size=(12, 12, 6)), add_channel=True,
+                                        dtype=np.float32)
+    before = image.clone()
+    out = AntiAliasd(keys="image", pixdim=(3.0, 3.0, 3.0))({"image": image})["image"]
+    np.testing.assert_array_equal(image.numpy(), before.numpy())
+    assert float(out.std()) < float(image.std())
+    np.testing.assert_allclose(out.affine.numpy(), image.affine.numpy())

@@ -84,6 +84,7 @@ def bundle(run_dir: Any, dest: Any = None, sample: Optional[Mapping[str, str]] =
 
     from . import modelcard
     from .data.sample import fetch_sample
+    from .data.transforms import PreprocessConfig
 
     card = modelcard.load_model(run_dir)
     dest = Path(dest) if dest is not None else modelcard.BUNDLED_DIR / "demo"
@@ -107,7 +108,9 @@ def bundle(run_dir: Any, dest: Any = None, sample: Optional[Mapping[str, str]] =
     # save() swaps the whole folder in: keep the hand-written files that live beside the card.
     extras = {p.name: p.read_bytes() for p in dest.glob("*.md")} if dest.is_dir() else {}
     modelcard.save(dest, card.state_dict(), name="demo", architecture=card.architecture, labels=card.labels,
-                   preprocessing=card.preprocessing, training=training, metrics=metrics,
+                   # every inference field written out, defaults of older cards (antialias) included
+                   preprocessing=PreprocessConfig.from_dict(card.preprocessing).card_dict(), training=training,
+                   metrics=metrics,
                    description=DEMO_DESCRIPTION, dtype=torch.float16,
                    postprocessing=card.meta.get("postprocessing"))
     for name, data in extras.items():
