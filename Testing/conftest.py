@@ -7,7 +7,7 @@
 - ``tiny_card``: session-scoped random-weight LoGoNet-T model card (2 organs, 32^3 windows); read-only.
 - ``sample_ct``: ``logonet.data.sample.fetch_sample()`` paths (downloads once into the user cache, or
   ``$LOGONET_CACHE/sample``; later runs are instant). Keys: root, ct, ct_labels, ct_labels_totalseg, dicom,
-  dicom_labels, dicom_labels_totalseg, ct_fine.
+  dicom_labels, dicom_labels_totalseg, ct_fine, mr, mr_labels_totalseg_mr.
 """
 from __future__ import annotations
 

@@ -40,6 +40,9 @@ def test_sample_files_and_btcv_labels(sample_ct):
         assert hu[np.roll(lab, 8, axis=2) == value].mean() < hu[lab == value].mean() - 20, value
     assert volumes.read_label_names(sample_ct["ct_labels"])[11] == "pancreas"
     assert volumes.read_image(sample_ct["ct_fine"]).GetSpacing() == (1.5, 1.5, 1.5)
+    mr, mr_labels = volumes.read_image(sample_ct["mr"]), volumes.read_image(sample_ct["mr_labels_totalseg_mr"])
+    assert mr.GetSize() == (117, 91, 20) and volumes.same_geometry(mr, mr_labels, tol=1e-6)
+    assert {1, 5, 23, 24, 25} <= set(np.unique(sitk.GetArrayFromImage(mr_labels)).tolist())  # spleen, liver, vessels
 
 
 def test_second_call_is_instant_and_offline(sample_ct, monkeypatch, capsys):
@@ -100,12 +103,13 @@ def test_archive_extraction_takes_only_reference_files(sample_ct, tmp_path: Path
     archive = tmp_path / sample.ARCHIVE_NAME
     prefix = f"{sample.PACKAGE}-{sample.VERSION}/tests/reference_files/"
     originals = ["example_ct.nii.gz", "example_seg_fast_force_split.nii.gz", "example_seg_dicom.nii.gz",
-                 "aorta_report/example_ct.nii.gz"] + [f"example_ct_dicom/{p.name}" for p in
+                 "aorta_report/example_ct.nii.gz", "example_mr_sm.nii.gz", "example_seg_mr.nii.gz"] + [f"example_ct_dicom/{p.name}" for p in
                                                       sorted(Path(sample_ct["dicom"]).iterdir())]
     with tarfile.open(archive, "w:gz", compresslevel=0) as tar:
         for rel in originals:
             tar.add(root / rel, arcname=prefix + rel)
-        for name, data in [(prefix + "example_mr_sm.nii.gz", b"unwanted"), (prefix + "../../evil.txt", b"evil"),
+        for name, data in [(prefix + "example_seg_roi_subset_mr.nii.gz", b"unwanted"),
+                           (prefix + "../../evil.txt", b"evil"),
                            (f"{sample.PACKAGE}-{sample.VERSION}/setup.py", b"unwanted")]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -120,6 +124,7 @@ def test_archive_extraction_takes_only_reference_files(sample_ct, tmp_path: Path
         assert volumes.same_geometry(mine, reference, tol=0)
         np.testing.assert_array_equal(sitk.GetArrayFromImage(mine), sitk.GetArrayFromImage(reference))
     files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file() and p.name != ".lock")
-    assert "example_mr_sm.nii.gz" not in files and not (tmp_path / "evil.txt").exists()
+    assert "example_seg_roi_subset_mr.nii.gz" not in files and not (tmp_path / "evil.txt").exists()
+    assert "example_mr_sm.nii.gz" in files and "example_seg_mr.nii.gz" in files
     assert len([f for f in files if f.startswith("example_ct_dicom/")]) == 20
     assert json.loads((dest / sample.MANIFEST).read_text())["files"] == sample.FILES

@@ -187,3 +187,57 @@ def test_resizing_keeps_every_other_draw_of_a_seed(source: Path, tmp_path: Path)
         assert "organ_scale" not in before and after["organ_scale"]
         assert {k: after[k] for k in before} == before
     assert (_read(plain / "labelsTr" / "synth_000.nii.gz") != _read(resized / "labelsTr" / "synth_000.nii.gz")).any()
+
+
+# ------------------------------------------------------------------------------ an MR patient as a source
+def mr_slab(shape=(6, 40, 50)):
+    """A T1-like MR slab: air outside an elliptic body, bright subcutaneous fat, darker muscle-like interior
+    with a gas-dark hole, a spleen (total_mr 1), a vertebra (19) and a disc (20)."""
+    z, y, x = np.mgrid[:shape[0], :shape[1], :shape[2]]
+    r = ((x - 25) / 22.0) ** 2 + ((y - 20) / 17.0) ** 2
+    mr = np.where(r < 1, 400.0, 5.0)  # fat inside the body, air outside
+    mr[r < 0.6] = 80.0  # interior soft tissue
+    mr[(r < 0.6) & ((x - 15) ** 2 + (y - 20) ** 2 < 4)] = 5.0  # dark, inside the body: not air
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[:, 15:25, 30:38] = 1
+    mr[:, 15:25, 30:38] = np.linspace(100, 140, 8)[None, None, :]  # a gradient: texture to carry over
+    labels[:3, 28:32, 22:28], labels[3:, 28:32, 22:28] = 19, 20
+    return mr.astype(np.float32), labels
+
+
+def test_mr_source_becomes_ct_ids_and_pseudo_hu_in_the_right_classes():
+    from logonet.data.synth import BACKGROUND_SPLIT, MR_TEXTURE_SCALE, mr_as_ct_source
+
+    mr, labels_mr = mr_slab()
+    hu, labels = mr_as_ct_source(mr, labels_mr)
+    assert hu.shape == labels.shape == mr.shape
+    assert (labels[labels_mr == 1] == 1).all() and (labels[labels_mr == 19] == 31).all()  # spleen, vertebra (bone)
+    assert (labels[labels_mr == 20] == 0).all()  # a disc has no CT class: unlabelled soft tissue
+    air, fat = BACKGROUND_SPLIT
+    assert (hu[:, 0, 0] < air).all()  # outside the body
+    assert (hu[:, 20, 5] >= air).all() and (hu[:, 20, 5] < fat).all()  # the bright rim: fat
+    interior = (labels == 0) & (mr == 80.0)
+    assert (hu[interior] >= fat).all()  # darker unlabelled body voxels: soft tissue ...
+    assert (hu[:, 20, 15] >= fat).all()  # ... dark ones inside the body too (no air pockets from MR voids)
+    spleen = hu[labels == 1]
+    assert np.median(spleen) == pytest.approx(40.0)
+    assert spleen.max() - spleen.min() == pytest.approx(MR_TEXTURE_SCALE * 40.0, rel=1e-4)  # texture kept, scaled
+    with pytest.raises(UserError, match=r"\[77\] are not TotalSegmentator total_mr ids"):
+        mr_as_ct_source(mr, np.where(labels_mr == 1, 77, labels_mr).astype(np.uint8))
+
+
+def test_sample_mr_source_gives_synthetic_cts_on_its_grid_with_its_organs(sample_ct, tmp_path: Path):
+    out = write_synth_dataset("sample-mr", tmp_path / "mr", cases=2, seed=3)
+    again = write_synth_dataset("sample-mr", tmp_path / "mr2", cases=1, seed=3)
+    source = volumes.read_image(sample_ct["mr"])
+    for i in range(2):
+        image = volumes.read_image(out / "imagesTr" / f"synth_{i:03d}.nii.gz")
+        labels = sitk.GetArrayFromImage(volumes.read_image(out / "labelsTr" / f"synth_{i:03d}.nii.gz"))
+        assert volumes.same_geometry(image, source, tol=1e-6)
+        assert {1, 6, 8, 9} <= set(np.unique(labels).tolist())  # spleen, liver, aorta, IVC
+        hu = sitk.GetArrayFromImage(image)
+        assert hu.min() >= -1024 and np.median(hu[labels == 6]) > 20  # a liver of CT, not of MR intensities
+    np.testing.assert_array_equal(_read(out / "imagesTr" / "synth_000.nii.gz"),
+                                  _read(again / "imagesTr" / "synth_000.nii.gz"))
+    meta = json.loads((out / "dataset.json").read_text())["logonet"]
+    assert meta["sources"] == ["example_mr"]

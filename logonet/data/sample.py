@@ -39,9 +39,10 @@ SHA256 = "5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03"
 _PREFIX = f"{PACKAGE}-{VERSION}/tests/reference_files/"
 #: Paths below tests/reference_files/ that are extracted (a trailing "/" means the whole folder).
 REFERENCE_FILES = ("example_ct.nii.gz", "example_seg_fast_force_split.nii.gz", "example_ct_dicom/",
-                   "example_seg_dicom.nii.gz", "aorta_report/example_ct.nii.gz")
+                   "example_seg_dicom.nii.gz", "aorta_report/example_ct.nii.gz", "example_mr_sm.nii.gz",
+                   "example_seg_mr.nii.gz")
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: the MR slab and its label map (a second patient's anatomy for ``logonet synth``)
 
 #: fetch_sample() keys -> path relative to the sample folder.
 FILES: Dict[str, str] = {
@@ -52,6 +53,8 @@ FILES: Dict[str, str] = {
     "dicom_labels": "example_seg_dicom_btcv.nii.gz",  # BTCV values, on the DICOM series' exact grid
     "dicom_labels_totalseg": "example_seg_dicom.nii.gz",  # TotalSegmentator ids (same voxels, y axis flipped)
     "ct_fine": "aorta_report/example_ct.nii.gz",  # 233x167x191, 1.5 mm
+    "mr": "example_mr_sm.nii.gz",  # 117x91x20, 3 mm: an upper-abdominal MR slab of another patient
+    "mr_labels_totalseg_mr": "example_seg_mr.nii.gz",  # TotalSegmentator "total_mr" ids (1-50), on the mr grid
 }
 
 

@@ -2,7 +2,9 @@
 
 Domain randomisation in the manner of SynthSeg (Billot et al., 2023), adapted to CT's physical HU scale. A
 source case is a real CT with a TotalSegmentator label map (117 structures: organs, bones, muscles, vessels,
-bowel). Each synthetic case:
+bowel), or an MR with a TotalSegmentator ``total_mr`` map (``sample-mr``: another patient's anatomy; its ids are
+mapped to CT ids and its air/fat/soft tissue split is made on MR intensities, :func:`mr_as_ct_source`). Each
+synthetic case:
 
 1. deforms CT and label map together (MONAI ``Rand3DElasticd``: rotation, scaling, elastic field) and, if
    asked (``--organ-resize-prob``), grows or shrinks single organs about their centres: one patient's map has one
@@ -15,8 +17,8 @@ bowel). Each synthetic case:
 5. sometimes keeps only a thin axial slab (a partial field of view, like a 20-slice series), air elsewhere;
 6. writes the HU image (int16) and the BTCV label map on the source's exact grid (MSD layout).
 
-Only the per-organ resizing (in step 1) and the label-to-HU synthesis (steps 2, 3 and 5) are written here: no
-library resizes single labelled organs or draws CT tissue intensities from label maps. Case ``i`` of seed ``s`` is the same whatever ``--cases`` is.
+Only the per-organ resizing (in step 1), the MR-to-CT source mapping and the label-to-HU synthesis (steps 2, 3 and
+5) are written here: no library resizes single labelled organs or draws CT tissue intensities from label maps. Case ``i`` of seed ``s`` is the same whatever ``--cases`` is.
 """
 from __future__ import annotations
 
@@ -131,14 +133,82 @@ class SynthSettings:
 
 
 # ------------------------------------------------------------------------------------------ sources
+#: ``logonet synth`` SOURCE names that mean the sample (:func:`source_cases`).
+SAMPLE_SOURCES = ("sample", "sample-mr")
+#: TotalSegmentator "total_mr" id -> "total" (CT) id, by structure name (TotalSegmentator's map_to_binary.py).
+#: MR has one "vertebrae" class (taken as L1: the tissue, bone, is what matters) and whole lungs (taken as lower
+#: lobes); intervertebral discs (20) have no CT class and become unlabelled soft tissue.
+TOTAL_MR_TO_TOTAL: Dict[int, int] = {
+    1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 6, 7: 7, 8: 8, 9: 9, 10: 11, 11: 14, 12: 15, 13: 18, 14: 19, 15: 20, 16: 21,
+    17: 22, 18: 25, 19: 31, 20: 0, 21: 79, 22: 51, 23: 52, 24: 63, 25: 64, 26: 65, 27: 66, 28: 67, 29: 68,
+    30: 69, 31: 70, 32: 71, 33: 72, 34: 73, 35: 74, 36: 75, 37: 76, 38: 77, 39: 78, 40: 80, 41: 81, 42: 82,
+    43: 83, 44: 84, 45: 85, 46: 86, 47: 87, 48: 88, 49: 89, 50: 90,
+}
+#: Pseudo-HU of an MR source's unlabelled voxels, inside each BACKGROUND_SPLIT class: air, fat, soft tissue.
+MR_BACKGROUND_HU: Tuple[float, float, float] = (-1000.0, -100.0, 40.0)
+#: MR intensity deviation -> HU deviation: the texture an MR source lends its synthetic CTs (deviations are
+#: clipped so that no unlabelled voxel changes class).
+MR_TEXTURE_SCALE = 0.5
+
+
+def mr_as_ct_source(mr: np.ndarray, labels_mr: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """An MR image and its TotalSegmentator ``total_mr`` map -> (pseudo-HU, ``total`` ids), for synthesis.
+
+    SynthSeg's point is that a label map, not the image, carries the anatomy: an MR patient is one more anatomy.
+    synthesise() needs per voxel a tissue (labels, and air/fat/soft tissue for unlabelled voxels) and a texture
+    (the deviation from the tissue's median). Air is the dark outside of the body (Otsu on the whole image, holes
+    filled per slice); unlabelled body voxels are fat where brighter than an Otsu split of their intensities (fat
+    is bright on the T1/T2-weighted abdominal MR TotalSegmentator handles), else soft tissue; labelled voxels get
+    their MR deviation from the structure's median x :data:`MR_TEXTURE_SCALE`. Arrays are (z, y, x).
+    """
+    from scipy import ndimage
+
+    if mr.shape != labels_mr.shape:
+        raise UserError(f"the MR image {mr.shape} and its label map {labels_mr.shape} differ in shape")
+    unknown = sorted(set(np.unique(labels_mr).tolist()) - {0} - set(TOTAL_MR_TO_TOTAL))
+    if unknown:
+        raise UserError(f"label values {unknown[:10]} are not TotalSegmentator total_mr ids (1-50)")
+    lut = np.zeros(max(TOTAL_MR_TO_TOTAL) + 1, dtype=np.int16)
+    for mr_id, ct_id in TOTAL_MR_TO_TOTAL.items():
+        lut[mr_id] = ct_id
+    labels = lut[labels_mr]
+    image = mr.astype(np.float32)
+    body = image > _otsu(image.ravel())
+    body = np.stack([ndimage.binary_fill_holes(plane) for plane in body]) | (labels_mr > 0)
+    air, fat, soft = MR_BACKGROUND_HU
+    pseudo = np.full(image.shape, air, dtype=np.float32)
+    unlabelled = body & (labels == 0)
+    if unlabelled.any():
+        split = _otsu(image[unlabelled])
+        for mask, base in ((unlabelled & (image > split), fat), (unlabelled & (image <= split), soft)):
+            if mask.any():
+                deviation = MR_TEXTURE_SCALE * (image[mask] - np.median(image[mask]))
+                pseudo[mask] = base + np.clip(deviation, -25.0, 25.0)  # stays inside its BACKGROUND_SPLIT class
+    for value in np.unique(labels[labels > 0]):
+        mask = labels == value
+        pseudo[mask] = soft + MR_TEXTURE_SCALE * (image[mask] - np.median(image[mask]))
+    return pseudo, labels
+
+
+def _otsu(values: np.ndarray) -> float:
+    """Otsu's threshold of a set of intensities (SimpleITK's filter on them as a 1-row image)."""
+    otsu = sitk.OtsuThresholdImageFilter()
+    otsu.Execute(sitk.GetImageFromArray(np.asarray(values, dtype=np.float32)[None]))
+    return float(otsu.GetThreshold())
+
+
 def source_cases(source: volumes.PathLike) -> List[Dict[str, str]]:
     """``[{"id", "image", "label"}]`` from a labelled dataset folder whose labels are TotalSegmentator ids, or
-    from ``"sample"``: the sample's training CT (never the DICOM series or the aorta_report scan, which are
-    kept for testing)."""
-    if str(source) == "sample":
+    from ``"sample"``: the sample's training CT, or ``"sample-mr"``: the sample's MR slab of another patient with
+    its ``total_mr`` map (``"kind": "total_mr"``, see :func:`mr_as_ct_source`). Never the DICOM series or the
+    aorta_report scan, which are kept for testing."""
+    if str(source) in SAMPLE_SOURCES:
         from .sample import fetch_sample
 
         paths = fetch_sample()
+        if str(source) == "sample-mr":
+            return [{"id": "example_mr", "image": paths["mr"], "label": paths["mr_labels_totalseg_mr"],
+                     "kind": "total_mr"}]
         return [{"id": "example_ct", "image": paths["ct"], "label": paths["ct_labels_totalseg"]}]
     from . import datasets
 
@@ -157,6 +227,12 @@ def _load_source(case: Mapping[str, str]) -> Tuple[sitk.Image, np.ndarray, np.nd
     labels = sitk.GetArrayFromImage(label)
     if labels.size == 0 or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
         raise UserError(f"{case['id']}: {case['label']} is not a label map of non-negative integers")
+    if case.get("kind") == "total_mr":
+        try:
+            hu, ct_labels = mr_as_ct_source(sitk.GetArrayFromImage(image), labels)
+        except UserError as error:
+            raise UserError(f"{case['id']}: {error}") from None
+        return image, hu, ct_labels
     if not np.isin(np.unique(labels), [0] + [i for t in TISSUES for i in t.ids]).all():
         unknown = sorted(set(np.unique(labels).tolist()) - {0} - {i for t in TISSUES for i in t.ids})
         raise UserError(f"{case['id']}: label values {unknown[:10]} are not TotalSegmentator ids; synth needs a "
@@ -365,8 +441,10 @@ def write_synth_dataset(source: volumes.PathLike, out: volumes.PathLike, cases: 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="SOURCE",
-                        help="labelled dataset folder whose label maps hold TotalSegmentator ids, or 'sample' "
-                             "(the sample's training CT and its TotalSegmentator map)")
+                        help="labelled dataset folder whose label maps hold TotalSegmentator ids, 'sample' "
+                             "(the sample's training CT and its TotalSegmentator map) or 'sample-mr' (the sample's "
+                             "MR slab of another patient and its TotalSegmentator total_mr map: its anatomy, "
+                             "synthesised as CT)")
     parser.add_argument("out", metavar="OUT", help="output folder (MSD layout: imagesTr/, labelsTr/, dataset.json)")
     parser.add_argument("--cases", type=int, default=40, help="number of synthetic cases (default 40)")
     parser.add_argument("--seed", type=int, default=0, help="case i of seed s is the same whatever --cases is")
