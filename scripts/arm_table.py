@@ -1,8 +1,8 @@
 """Scratch vs SSL-initialised default-model runs as markdown tables (REPRODUCE.md, docs/benchmarks.md).
 
 Reads RUNS/default-ARM-sSEED/eval/{unseen,training}_dice.csv (written by ``scripts/default_model.sh evaluate``;
-a run evaluated again after ``postprocess`` keeps its earlier figures in ``eval.nopost/``, shown as an extra
-column) and each run's best card (synthetic-validation Dice, the only figure that
+a run evaluated again after ``postprocess`` keeps its earlier figures in ``eval.nopost/``, and one evaluated again
+after the anti-aliasing step came in keeps them in ``eval.noaa/``, each shown as an extra column) and each run's best card (synthetic-validation Dice, the only figure that
 chose the checkpoint, and wall time). Usage: ``python scripts/arm_table.py [RUNS]``;
 ``python scripts/arm_table.py --synthval DIR`` prints the mean Dice of the ``evaluate`` CSVs in DIR (one per
 synthetic validation case).
@@ -37,7 +37,7 @@ def runs_of(root: Path) -> List[Path]:
 
 
 #: evaluation folders of a run -> column suffix ("eval" holds the run's figures with its card's default settings)
-EVALS = (("eval.nopost", " without post-processing"), ("eval", ""))
+EVALS = (("eval.nopost", " without post-processing"), ("eval.noaa", " without anti-aliasing"), ("eval", ""))
 
 
 def table(runs: List[Path], which: str) -> str:
