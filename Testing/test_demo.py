@@ -71,3 +71,23 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert float(rows[-1]["dice"]) == pytest.approx(metrics["training_scan_mean_dice"], abs=0.01)
     assert float(unseen[-1]["dice"]) == pytest.approx(metrics["unseen_mean_dice"], abs=0.01)
     assert metrics["val_source"] == "synthetic"
+
+
+def test_card_names_the_label_maps_its_synthetic_training_cts_came_from(tmp_path):
+    from logonet.demo import training_data_description
+
+    def dataset(name, sources):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "dataset.json").write_text(json.dumps({"logonet": {"sources": sources}}))
+        return folder
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "dataset.json").write_text(json.dumps({"name": "demo"}))
+    ct_only = training_data_description([real, dataset("synth", ["example_ct"]), dataset("synth2", ["example_ct"])])
+    assert ct_only.count("logonet synth sample)") == 1 and "MR" not in ct_only
+    both = training_data_description([real, dataset("synth3", ["example_ct"]), dataset("mr", ["example_mr"])])
+    assert "logonet synth sample)" in both and "MR slab of another patient" in both
+    assert both.endswith("never the DICOM series or the aorta_report scan")
+    assert "synthetic" not in training_data_description([real, tmp_path / "missing"])

@@ -8,11 +8,12 @@ not a clinical model. ``logonet demo --prepare-data DIR`` writes its training da
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -75,6 +76,30 @@ def measure(model: Any, scan: str, out: Any, sample: Mapping[str, str], device: 
             "seg": seg_path, "predictor": predictor, "source": source}
 
 
+#: ``logonet synth`` source ids (dataset.json ``logonet.sources``) -> how the card names them.
+SYNTH_SOURCES = {"example_ct": "the sample CT's TotalSegmentator map (logonet synth sample)",
+                 "example_mr": "the TotalSegmentator total_mr map of the sample's MR slab of another patient "
+                               "(logonet synth sample-mr)"}
+
+
+def training_data_description(folders: Sequence[Any]) -> str:
+    """The card's ``training.data`` line for a demo model: the real scan, and the label maps its synthetic CTs
+    came from (read from each training folder's ``dataset.json``), never the test scans."""
+    sources: List[str] = []
+    for folder in folders:
+        try:
+            meta = json.loads((Path(folder) / "dataset.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for source in (meta.get("logonet") or {}).get("sources") or []:
+            name = SYNTH_SOURCES.get(str(source), f"the label map {source}")
+            if name not in sources:
+                sources.append(name)
+    synthetic = f" and synthetic CTs drawn from {' and '.join(sources)}" if sources else ""
+    return ("the sample CT example_ct with BTCV-schema labels (logonet demo --prepare-data)" + synthetic
+            + "; never the DICOM series or the aorta_report scan")
+
+
 def bundle(run_dir: Any, dest: Any = None, sample: Optional[Mapping[str, str]] = None) -> Path:
     """Copy a training run's best model card into ``Resources/Models/demo`` (fp16, demo description), with the
     Dice on the training scan and on the unseen DICOM series measured by :func:`measure` in its metrics."""
@@ -90,9 +115,7 @@ def bundle(run_dir: Any, dest: Any = None, sample: Optional[Mapping[str, str]] =
     dest = Path(dest) if dest is not None else modelcard.BUNDLED_DIR / "demo"
     sample = sample or fetch_sample()
     training = dict(card.meta.get("training") or {})
-    training["data"] = ("the sample CT example_ct with BTCV-schema labels (logonet demo --prepare-data) and "
-                        "synthetic CTs from its TotalSegmentator map (logonet synth sample); never the DICOM "
-                        "series or the aorta_report scan")
+    training["data"] = training_data_description(training.get("data") or [])
     training["reproduce"] = "see REPRODUCE.md next to this file"
     metrics = dict(card.meta.get("metrics") or {})
     if training.get("val_data"):

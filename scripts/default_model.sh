@@ -55,6 +55,9 @@ case "${1:-}" in
     # a second selection set with resized organs, to choose between stage-3 arms (never trained on)
     [ -f "$RUNS/default-synth-val2/dataset.json" ] || $LOGONET synth sample "$RUNS/default-synth-val2" --cases 6 \
       --seed 4 --organ-resize-prob 0.5
+    # synthetic CTs of the MR patient's anatomy: reported, not a selection set (demo5 trains on that anatomy)
+    [ -f "$RUNS/default-synth-valmr/dataset.json" ] || $LOGONET synth sample-mr "$RUNS/default-synth-valmr" \
+      --cases 6 --seed 6
     mkdir -p "$RUNS/default-ssl-volumes"                                   # images only: labels are not used
     cp "$RUNS"/default-real/imagesTr/*.nii.gz "$RUNS"/default-synth/imagesTr/*.nii.gz "$RUNS/default-ssl-volumes/"
     ;;
