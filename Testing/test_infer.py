@@ -314,3 +314,13 @@ def test_the_suite_never_exports_into_the_real_user_cache():
     from logonet.engines import cache_root
 
     assert os.environ.get("LOGONET_ENGINE_CACHE") and cache_root() != user_cache_dir() / "engines"
+
+
+def test_one_window_per_pass_on_the_cpu_unless_asked(tiny_card):
+    from logonet.infer import DEFAULT_SW_BATCH, Predictor
+
+    assert DEFAULT_SW_BATCH == {"cpu": 1, "cuda": 4}
+    assert Predictor(tiny_card, device="cpu").sw_batch_size == 1  # batching windows only costs memory here
+    assert Predictor(tiny_card, device="cpu", sw_batch_size=3).sw_batch_size == 3
+    with pytest.raises(UserError, match="--sw-batch must be at least 1"):
+        Predictor(tiny_card, device="cpu", sw_batch_size=0)

@@ -190,6 +190,13 @@ def check_plan(image: Any, name: str, spacing: Sequence[float], roi: Sequence[in
 # ----------------------------------------------------------------------------------------------------------
 # the predictor
 # ----------------------------------------------------------------------------------------------------------
+#: Sliding-window batch per device type when none is given. On the CPU batching windows buys no speed and costs
+#: memory: a BTCV-sized volume with LoGoNet-S at 2 threads peaked at 5.8 GB RSS with 4 windows per pass and 2.5 GB
+#: with 1, in about the same time (docs/bench/btcv, docs/bench/btcv_sw1); the sample CT gave identical labels in the
+#: same time. A GPU gains from the batch.
+DEFAULT_SW_BATCH: Dict[str, int] = {"cpu": 1, "cuda": 4}
+
+
 class Predictor:
     """Load a model card once, segment many volumes.
 
@@ -198,7 +205,7 @@ class Predictor:
     """
 
     def __init__(self, model: PathLike = "demo", device: str = "auto", *, overlap: Optional[float] = None,
-                 sw_batch_size: int = 4, amp: str = "auto", reporter: Optional[ProgressReporter] = None,
+                 sw_batch_size: Optional[int] = None, amp: str = "auto", reporter: Optional[ProgressReporter] = None,
                  engine: str = "torch") -> None:
         from .data.transforms import PreprocessConfig
         from .runtime import resolve_amp, select_device
@@ -211,9 +218,11 @@ class Predictor:
             overlap = self.card.validated_overlap if self.card.validated_overlap is not None else DEFAULT_OVERLAP
         if not 0.0 <= overlap < 1.0:
             raise UserError(f"--overlap must be in [0, 1), got {overlap}")
+        self.device = select_device(device)
+        if sw_batch_size is None:
+            sw_batch_size = DEFAULT_SW_BATCH.get(self.device.type, 4)
         if sw_batch_size < 1:
             raise UserError(f"--sw-batch must be at least 1, got {sw_batch_size}")
-        self.device = select_device(device)
         self.overlap = overlap
         self.sw_batch_size = sw_batch_size
         self.amp_dtype = resolve_amp(amp, self.device)
@@ -399,7 +408,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "of none; default: of the organs the model card names, chosen on validation cases "
                              "by 'logonet postprocess')")
     parser.add_argument("--stats", default=None, metavar="CSV", help="write each organ's volume in mL")
-    parser.add_argument("--sw-batch", type=int, default=4, help="windows per forward pass")
+    parser.add_argument("--sw-batch", type=int, default=None,
+                        help="windows per forward pass (default: 1 on the CPU, 4 on a GPU; see DEFAULT_SW_BATCH)")
     parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
     parser.add_argument("--engine", default="auto", choices=list(ENGINE_CHOICES),
                         help="what runs the windows on the CPU: auto (default: OpenVINO if installed, else torch; "

@@ -52,7 +52,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlaps", default="0.25,0.5", help="comma-separated sliding-window overlaps")
     parser.add_argument("--synthetic-shape", default="512,512,120", help="x,y,z voxels of the synthetic volume")
     parser.add_argument("--synthetic-spacing", default="0.8,0.8,2.5", help="x,y,z mm of the synthetic volume")
-    parser.add_argument("--sw-batch", type=int, default=4, help="windows per forward pass")
+    parser.add_argument("--sw-batch", type=int, default=None,
+                        help="windows per forward pass (default: segment's, 1 on the CPU and 4 on a GPU)")
 
 
 def _floats(text: str, n: int, what: str, kind: type = float) -> Tuple[Any, ...]:
@@ -126,7 +127,7 @@ class StageRecorder(ProgressReporter):
         self.outer.emit(event, step=step, total=total, **metrics)
 
 
-def segment_case(card: Path, source: Path, out_file: Path, overlap: float, device: Any, sw_batch: int,
+def segment_case(card: Path, source: Path, out_file: Path, overlap: float, device: Any, sw_batch: Optional[int],
                  reporter: ProgressReporter) -> Dict[str, Any]:
     """One Predictor lifetime (load + segment_file): seconds and peak memory per stage."""
     from ..infer import Predictor
@@ -169,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
     from ..data import volumes
     from ..errors import UserError
 
+    from ..infer import DEFAULT_SW_BATCH
+
     reporter, device = common.setup(args)
     shape = _floats(args.synthetic_shape, 3, "synthetic-shape", int)
     spacing = _floats(args.synthetic_spacing, 3, "synthetic-spacing")
@@ -206,7 +209,8 @@ def run(args: argparse.Namespace) -> int:
     sizes = ", ".join(sorted({f"{r['case']} = {r['input_size']} voxels" for r in rows}))
     sections = [
         common.Section("Wall time per stage (s)", rows, TIME_COLUMNS, "volume.csv",
-                       note=f"Inputs: {sizes}. Window batches = sliding-window batches of {args.sw_batch} "
+                       note=f"Inputs: {sizes}. Window batches = sliding-window batches of "  # as Predictor picks
+                            f"{args.sw_batch or DEFAULT_SW_BATCH.get(device.type, 4)} "
                             "windows of the model card's roi_size at its spacing; total = model load + read + resample + infer + resample back + write."),
         common.Section("Peak memory per stage (MiB, whole process)", rows, MEMORY_COLUMNS, "volume_memory.csv",
                        note="Process RSS on CPU (max allocated on CUDA), highest value seen while the stage ran."),
