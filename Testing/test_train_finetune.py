@@ -84,7 +84,7 @@ def test_finetune_learns_then_resumes(two_organ_data, tmp_path, capsys):
         assert card.spacing == (3.0, 3.0, 3.0) and card.roi_size == (32, 32, 32)
         assert card.meta["training"]["augmentation"]["crop_by"] == "classes"
         assert set(card.meta["preprocessing"]) == {"orientation", "spacing", "intensity_window", "roi_size",
-                                                  "crop_foreground"}  # no runtime or augmentation field
+                                                  "crop_foreground", "antialias"}  # no runtime or augmentation field
     assert modelcard.load(out / "best").meta["metrics"]["val_mean_dice"] == pytest.approx(best)
     assert modelcard.load(out / "last").meta["training"]["epochs"] == 4
     # The card records the command line as typed (cli.main's argv), not the test runner's sys.argv.
