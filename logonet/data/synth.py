@@ -34,7 +34,7 @@ import SimpleITK as sitk
 from .datasets import write_dataset_json
 from ..errors import UserError
 from . import volumes
-from .labels import BTCV_NAMES, totalseg_to_btcv
+from .labels import BTCV_NAMES, remap_labels, totalseg_to_btcv
 
 PHASES: Tuple[str, ...] = ("native", "arterial", "portal", "delayed")
 
@@ -168,10 +168,7 @@ def mr_as_ct_source(mr: np.ndarray, labels_mr: np.ndarray) -> Tuple[np.ndarray, 
     unknown = sorted(set(np.unique(labels_mr).tolist()) - {0} - set(TOTAL_MR_TO_TOTAL))
     if unknown:
         raise UserError(f"label values {unknown[:10]} are not TotalSegmentator total_mr ids (1-50)")
-    lut = np.zeros(max(TOTAL_MR_TO_TOTAL) + 1, dtype=np.int16)
-    for mr_id, ct_id in TOTAL_MR_TO_TOTAL.items():
-        lut[mr_id] = ct_id
-    labels = lut[labels_mr]
+    labels = remap_labels(labels_mr, TOTAL_MR_TO_TOTAL).astype(np.int16)
     image = mr.astype(np.float32)
     body = image > _otsu(image.ravel())
     body = np.stack([ndimage.binary_fill_holes(plane) for plane in body]) | (labels_mr > 0)
