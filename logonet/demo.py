@@ -8,7 +8,6 @@ not a clinical model. ``logonet demo --prepare-data DIR`` writes its training da
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -85,13 +84,16 @@ SYNTH_SOURCES = {"example_ct": "the sample CT's TotalSegmentator map (logonet sy
 def training_data_description(folders: Sequence[Any]) -> str:
     """The card's ``training.data`` line for a demo model: the real scan, and the label maps its synthetic CTs
     came from (read from each training folder's ``dataset.json``), never the test scans."""
+    from .data.datasets import logonet_info
+    from .errors import UserError
+
     sources: List[str] = []
     for folder in folders:
         try:
-            meta = json.loads((Path(folder) / "dataset.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            info = logonet_info(folder)
+        except UserError:  # an unreadable dataset.json names no source
             continue
-        for source in (meta.get("logonet") or {}).get("sources") or []:
+        for source in info.get("sources") or []:
             name = SYNTH_SOURCES.get(str(source), f"the label map {source}")
             if name not in sources:
                 sources.append(name)

@@ -113,13 +113,19 @@ def _read_dataset_json(root: Path) -> Dict[str, Any]:
 SYNTHETIC_GENERATORS = ("logonet synth", "logonet phantom")
 
 
-def is_synthetic(folder: volumes.PathLike) -> bool:
-    """True when ``folder``'s dataset.json says one of the project's generators wrote it (not real CT)."""
+def logonet_info(folder: volumes.PathLike) -> Dict[str, Any]:
+    """The ``"logonet"`` section of ``folder``'s dataset.json (generator, seed, sources, cases), or {} when there
+    is no dataset.json or no such section. A dataset.json that is not a JSON object raises ``UserError``."""
     root = Path(folder)
     if not (root / "dataset.json").is_file():
-        return False
+        return {}
     info = _read_dataset_json(root).get("logonet")
-    return isinstance(info, dict) and info.get("generator") in SYNTHETIC_GENERATORS
+    return info if isinstance(info, dict) else {}
+
+
+def is_synthetic(folder: volumes.PathLike) -> bool:
+    """True when ``folder``'s dataset.json says one of the project's generators wrote it (not real CT)."""
+    return logonet_info(folder).get("generator") in SYNTHETIC_GENERATORS
 
 
 def _resolve(root: Path, rel: str) -> Path:
