@@ -113,6 +113,7 @@ def test_volume_tiny_synthetic(tmp_path, capsys):
     memory = common.read_csv(out / "volume_memory.csv")[0]
     assert float(memory["inference_peak_mib"]) >= float(memory["load_model_peak_mib"]) * 0.5
     assert "| demo | btcv |" in (out / "volume.md").read_text()
+    assert "sliding-window batches of 1 windows" in (out / "volume.md").read_text()  # what Predictor used on the CPU
 
 
 def test_synthetic_volume_geometry():

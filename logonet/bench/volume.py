@@ -143,7 +143,7 @@ def segment_case(card: Path, source: Path, out_file: Path, overlap: float, devic
         total_s = time.perf_counter() - t0
     row: Dict[str, Any] = {"load_model_s": load_s, **{f"{k}_s": v for k, v in result["timings"].items()},
                            "total_s": total_s, "window_batches": recorder.window_batches,
-                           "peak_mib": memory.peak_mib}
+                           "sw_batch": predictor.sw_batch_size, "peak_mib": memory.peak_mib}
     row.update({f"{k}_peak_mib": v for k, v in memory.stage_peaks_mib.items() if k != "all"})
     del predictor
     return row
@@ -169,8 +169,6 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data import volumes
     from ..errors import UserError
-
-    from ..infer import DEFAULT_SW_BATCH
 
     reporter, device = common.setup(args)
     shape = _floats(args.synthetic_shape, 3, "synthetic-shape", int)
@@ -209,8 +207,8 @@ def run(args: argparse.Namespace) -> int:
     sizes = ", ".join(sorted({f"{r['case']} = {r['input_size']} voxels" for r in rows}))
     sections = [
         common.Section("Wall time per stage (s)", rows, TIME_COLUMNS, "volume.csv",
-                       note=f"Inputs: {sizes}. Window batches = sliding-window batches of "  # as Predictor picks
-                            f"{args.sw_batch or DEFAULT_SW_BATCH.get(device.type, 4)} "
+                       note=f"Inputs: {sizes}. Window batches = sliding-window batches of "
+                            f"{'/'.join(str(b) for b in sorted({r['sw_batch'] for r in rows}))} "
                             "windows of the model card's roi_size at its spacing; total = model load + read + resample + infer + resample back + write."),
         common.Section("Peak memory per stage (MiB, whole process)", rows, MEMORY_COLUMNS, "volume_memory.csv",
                        note="Process RSS on CPU (max allocated on CUDA), highest value seen while the stage ran."),
