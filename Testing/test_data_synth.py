@@ -2,6 +2,7 @@
 inside the drawn phase ranges, organs present, thin slabs) on a small crop of the sample's training CT."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Dict
@@ -13,7 +14,7 @@ import SimpleITK as sitk
 from logonet.cli import main
 from logonet.data import datasets, volumes
 from logonet.data.labels import totalseg_to_btcv
-from logonet.data.synth import PHASES, TISSUES, SynthSettings, synthesise, write_synth_dataset
+from logonet.data.synth import PHASES, TISSUES, SynthSettings, organ_veins, synthesise, write_synth_dataset
 from logonet.errors import UserError
 
 #: No degradations, no texture, little noise: the drawn means must be read back from the image.
@@ -141,6 +142,8 @@ def test_cli_writes_a_dataset_that_finetune_reads(source: Path, tmp_path: Path, 
     with pytest.raises(UserError, match="one per DATA folder"):
         discover_folders([str(out), str(other)], [3, 1, 1])
     assert main(["synth", str(source), str(tmp_path / "x"), "--slab-prob", "2"]) == 2
+    assert main(["synth", str(source), str(tmp_path / "x"), "--vessel-prob", "-0.1"]) == 2
+    assert "--vessel-prob must be in [0, 1]" in capsys.readouterr().err
 
 
 def test_organ_resizing_changes_sizes_only_into_displaceable_tissue(source: Path):
@@ -187,6 +190,41 @@ def test_resizing_keeps_every_other_draw_of_a_seed(source: Path, tmp_path: Path)
         assert "organ_scale" not in before and after["organ_scale"]
         assert {k: after[k] for k in before} == before
     assert (_read(plain / "labelsTr" / "synth_000.nii.gz") != _read(resized / "labelsTr" / "synth_000.nii.gz")).any()
+
+
+# ------------------------------------------------------------------------------ veins inside the liver
+def test_organ_veins_are_tubes_of_the_asked_diameter_inside_the_organ():
+    organ = np.zeros((40, 60, 60), dtype=bool)
+    organ[5:35, 5:55, 5:55] = True
+    spacing = (3.0, 1.5, 1.5)  # z, y, x mm
+    thin = organ_veins(organ, spacing, 4.0, 15.0, np.random.default_rng(0))
+    thick = organ_veins(organ, spacing, 10.0, 15.0, np.random.default_rng(0))
+    assert not (thin & ~organ).any() and not (thick & ~organ).any()
+    assert 0.005 < thin.sum() / organ.sum() < thick.sum() / organ.sum() < 0.25
+    # tubes, not blobs: no voxel lies deeper than about a radius inside a vein (distance in mm)
+    from scipy import ndimage
+    depth = ndimage.distance_transform_edt(thick, sampling=spacing)
+    assert 2.0 < np.percentile(depth[thick], 99) < 10.0
+    np.testing.assert_array_equal(thin, organ_veins(organ, spacing, 4.0, 15.0, np.random.default_rng(0)))
+    assert not organ_veins(np.zeros_like(organ), spacing, 4.0, 15.0, np.random.default_rng(0)).any()
+
+
+def test_veins_change_only_the_liver_image_at_the_drawn_vein_hu(source: Path):
+    ct, seg = volumes.read_image(source / "images" / "case0.nii.gz"), volumes.read_image(source / "labels" / "case0.nii.gz")
+    hu = sitk.GetArrayFromImage(ct).astype(np.float32)
+    labels = sitk.GetArrayFromImage(seg).astype(np.int16)
+    plain_array, plain_btcv, plain_info = synthesise(ct, hu, labels, seed=3, index=0, settings=PLAIN)
+    settings = dataclasses.replace(PLAIN, vessel_prob=1.0)
+    array, btcv, info = synthesise(ct, hu, labels, seed=3, index=0, settings=settings)
+    np.testing.assert_array_equal(btcv, plain_btcv)  # still labelled liver
+    changed = array != plain_array
+    assert changed.any() and not (changed & (btcv != 6)).any()
+    assert 0.01 < info["vein_share"]["5"] < 0.3
+    assert {k: info[k] for k in plain_info} == plain_info  # its own random stream
+    veins = info["mean_hu"]["systemic vein"], info["mean_hu"]["portal vein"]
+    values = array[changed].astype(float)
+    assert np.all((values > min(veins) - 6) & (values < max(veins) + 6))  # PLAIN: noise sd 1 HU
+    np.testing.assert_array_equal(array, synthesise(ct, hu, labels, seed=3, index=0, settings=settings)[0])
 
 
 # ------------------------------------------------------------------------------ an MR patient as a source

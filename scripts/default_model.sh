@@ -2,7 +2,7 @@
 # The bundled default model and the scratch-vs-SSL comparison behind it (Resources/Models/demo/REPRODUCE.md).
 #   scripts/default_model.sh data              # synthetic training + validation sets, SSL volume folder
 #   scripts/default_model.sh pretrain          # masked SSL on every unlabeled volume at hand
-#   scripts/default_model.sh finetune ARM SEED # ARM: scratch | ssl | demo | demo3 | demo4 | demo5; writes runs/default-ARM-sSEED
+#   scripts/default_model.sh finetune ARM SEED # ARM: scratch | ssl | demo | demo3 | demo4 | demo5 | demo6; writes runs/default-ARM-sSEED
 #       demo: a curriculum, continuing from the one-scan demo model (real scan only, 900 steps; the card in
 #       Resources/Models/demo at commit d30a54f, weights sha256 a7ba98d1...) at half the learning rate
 #       demo3: stage 3 of that curriculum, continuing from default-demo-s0 with 60 more synthetic CTs (seed 2),
@@ -11,6 +11,9 @@
 #       ...) and half of them are thin slabs: organ sizes other than the one source patient's
 #       demo5: stage 3 as demo3, but its 60 new synthetic CTs (seed 5) come from the sample's MR slab of ANOTHER
 #       patient (its TotalSegmentator total_mr map, synthesised as CT: a second anatomy); 10 epochs
+#       demo6: stage 3 as demo3, but its second synthetic set (seed 2, the same cases) has veins drawn inside the
+#       liver at the contrast phase's vein HU in 80% of cases (--vessel-prob 0.8): the source CT is native, so the
+#       model never saw enhanced hepatic veins
 #   scripts/default_model.sh postprocess ARM SEED # per organ, keep only the largest component where that raises
 #                                              # Dice on both synthetic validation sets (written into the card)
 #   scripts/default_model.sh evaluate ARM SEED # logonet segment + evaluate on the unseen DICOM series and the
@@ -51,6 +54,8 @@ case "${1:-}" in
       --organ-resize-prob 0.5 --slab-prob 0.5
     [ -f "$RUNS/default-synth-mr/dataset.json" ] || $LOGONET synth sample-mr "$RUNS/default-synth-mr" --cases 60 \
       --seed 5
+    [ -f "$RUNS/default-synth-veins/dataset.json" ] || $LOGONET synth sample "$RUNS/default-synth-veins" --cases 60 \
+      --seed 2 --vessel-prob 0.8
     [ -f "$RUNS/default-synth-val/dataset.json" ] || $LOGONET synth sample "$RUNS/default-synth-val" --cases 6 --seed 1
     # a second selection set with resized organs, to choose between stage-3 arms (never trained on)
     [ -f "$RUNS/default-synth-val2/dataset.json" ] || $LOGONET synth sample "$RUNS/default-synth-val2" --cases 6 \
@@ -68,17 +73,18 @@ case "${1:-}" in
       --seed 0 --progress jsonl "${resume[@]}"
     ;;
   finetune)
-    arm=${2:?scratch, ssl, demo, demo3, demo4 or demo5}; seed=${3:?seed}
+    arm=${2:?scratch, ssl, demo, demo3, demo4, demo5 or demo6}; seed=${3:?seed}
     init=(); lr=4e-3; data=("$RUNS/default-real" "$RUNS/default-synth"); repeats=(20 1); epochs=(--epochs 8 --val-every 2)
     [ "$arm" = ssl ] && init=(--init "$RUNS/default-ssl/best")
     [ "$arm" = demo ] && { init=(--init "${STAGE1:-$RUNS/stage1-demo}"); lr=2e-3; }
-    if [ "$arm" = demo3 ] || [ "$arm" = demo4 ] || [ "$arm" = demo5 ]; then
+    if [ "$arm" = demo3 ] || [ "$arm" = demo4 ] || [ "$arm" = demo5 ] || [ "$arm" = demo6 ]; then
       init=(--init "${STAGE2:-$RUNS/default-demo-s0/best}"); lr=1e-3; NPROC=${NPROC:-2}
       repeats+=(1); epochs=(--epochs 12 --val-every 3)
       case "$arm" in
         demo3) data+=("$RUNS/default-synth2") ;;
         demo4) data+=("$RUNS/default-synth3") ;;
         demo5) data+=("$RUNS/default-synth-mr"); epochs=(--epochs 10 --val-every 5) ;;
+        demo6) data+=("$RUNS/default-synth-veins") ;;
       esac
     fi
     out="$RUNS/default-$arm-s$seed"

@@ -12,13 +12,14 @@ synthetic case:
 2. splits the unlabelled voxels by the real HU into air, fat and soft tissue, so every voxel has a tissue;
 3. draws a contrast phase (native, arterial, portal-venous, delayed) and, per tissue, a mean HU from that
    phase's realistic range (:data:`TISSUES`) and a texture weight: the new image is the drawn mean plus a
-   random share of the real scan's own texture around that tissue's median, plus per-tissue noise;
+   random share of the real scan's own texture around that tissue's median, plus per-tissue noise; if asked
+   (``--vessel-prob``), the liver gets a random network of veins at the phase's vein HU (:func:`organ_veins`);
 4. degrades it with MONAI's random transforms (blur, bias field, noise, simulated low resolution);
 5. sometimes keeps only a thin axial slab (a partial field of view, like a 20-slice series), air elsewhere;
 6. writes the HU image (int16) and the BTCV label map on the source's exact grid (MSD layout).
 
 Only the per-organ resizing (in step 1), the MR-to-CT source mapping and the label-to-HU synthesis (steps 2, 3 and
-5) are written here: no library resizes single labelled organs or draws CT tissue intensities from label maps. Case ``i`` of seed ``s`` is the same whatever ``--cases`` is.
+5, the veins of step 3 included) are written here: no library resizes single labelled organs or draws CT tissue intensities from label maps. Case ``i`` of seed ``s`` is the same whatever ``--cases`` is.
 """
 from __future__ import annotations
 
@@ -104,6 +105,11 @@ ORGAN_SCALE: Dict[int, Tuple[float, float]] = {
 IN_PLANE_ONLY = frozenset({52, 63, 64})
 #: What a growing organ may take over: unlabelled tissue and bowel (ids 18-20), never another organ or bone.
 DISPLACEABLE = (0, 18, 19, 20)
+#: Organs whose label holds the veins that run through them, and those veins' tissues: TotalSegmentator's liver
+#: (id 5) includes the hepatic and intrahepatic portal veins. A contrast CT shows them bright inside the liver; a
+#: native source CT does not, and a model trained on it takes enhanced hepatic veins for the IVC (see
+#: :func:`organ_veins`).
+VESSEL_ORGANS: Dict[int, Tuple[str, ...]] = {5: ("systemic vein", "portal vein")}
 #: HU given to the band a shrinking organ leaves: fat, as around real organs.
 VACATED_HU = -100.0
 #: Real HU thresholds that split unlabelled voxels: below the first is air, below the second fat, else soft tissue.
@@ -130,6 +136,9 @@ class SynthSettings:
     noise_prob: float = 0.5
     lowres_prob: float = 0.3
     organ_resize_prob: float = 0.0  # per organ of ORGAN_SCALE: 0 keeps the cases of earlier seeds unchanged
+    vessel_prob: float = 0.0  # per case, veins drawn inside VESSEL_ORGANS: 0 keeps earlier seeds' cases unchanged
+    vessel_mm: Tuple[float, float] = (5.0, 12.0)  # their diameter (hepatic vein branches to trunks)
+    vessel_spread_mm: Tuple[float, float] = (15.0, 30.0)  # correlation length of the fields that lay them out
 
 
 # ------------------------------------------------------------------------------------------ sources
@@ -327,6 +336,55 @@ def resize_organs(labels: np.ndarray, hu: np.ndarray, probability: float, rng: n
     return labels, hu, scales
 
 
+def organ_veins(organ: np.ndarray, spacing_zyx: Sequence[float], diameter_mm: float, spread_mm: float,
+                rng: np.random.Generator) -> np.ndarray:
+    """A random network of tubes of about ``diameter_mm`` inside the boolean mask ``organ`` (z, y, x).
+
+    A tube is where two independent smooth random fields (Gaussian-filtered white noise, correlation length
+    ``spread_mm``, unit sd) are both near zero: the intersection of two level-set bands is a set of curves. A
+    band ``|f| < w`` is about ``2 w / |grad f|`` thick and ``|grad f|`` is about ``1.2 / sigma`` for such a field,
+    so ``w = 0.6 * diameter / spread`` gives the diameter. Only the organ's bounding box is filled."""
+    from scipy import ndimage
+
+    where = np.argwhere(organ)
+    if where.size == 0:
+        return np.zeros(organ.shape, dtype=bool)
+    box = tuple(slice(a, b + 1) for a, b in zip(where.min(axis=0), where.max(axis=0)))
+    shape = organ[box].shape
+    sigma = [spread_mm / float(s) for s in spacing_zyx]
+    half_width = 0.6 * diameter_mm / spread_mm
+    near_zero = []
+    for _ in range(2):
+        field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma, mode="reflect")
+        near_zero.append(np.abs(field) < half_width * max(float(field.std()), 1e-12))
+    tubes = np.zeros(organ.shape, dtype=bool)
+    tubes[box] = near_zero[0] & near_zero[1] & organ[box]
+    return tubes
+
+
+def _draw_veins(synthetic: np.ndarray, labels: np.ndarray, spacing_zyx: Sequence[float], draw: Mapping[str, Any],
+                noise_sd: Sequence[float], settings: SynthSettings, rng: np.random.Generator) -> Dict[str, float]:
+    """With ``settings.vessel_prob``, give each :data:`VESSEL_ORGANS` organ its veins (:func:`organ_veins`, one
+    network per vein tissue) at that vein's drawn mean HU and noise, in place; labels stay the organ's.
+    Returns {organ id: share of its voxels that became vein}."""
+    shares: Dict[str, float] = {}
+    if rng.uniform() >= settings.vessel_prob:
+        return shares
+    for organ, veins in VESSEL_ORGANS.items():
+        mask = labels == organ
+        if not mask.any():
+            continue
+        covered = np.zeros(mask.shape, dtype=bool)
+        for vein in veins:
+            index = _TISSUE_INDEX[vein]
+            tubes = organ_veins(mask, spacing_zyx, rng.uniform(*settings.vessel_mm),
+                                rng.uniform(*settings.vessel_spread_mm), rng)
+            synthetic[tubes] = draw["means"][index] + rng.normal(0.0, noise_sd[index], size=int(tubes.sum()))
+            covered |= tubes
+        shares[str(organ)] = round(float(covered.sum()) / float(mask.sum()), 4)
+    return shares
+
+
 def _degradations(settings: SynthSettings, seed: int):
     """MONAI's random image degradations, applied in HU (+1024 so the bias field multiplies positive values)."""
     from monai import transforms as mt
@@ -381,6 +439,10 @@ def synthesise(image: sitk.Image, hu: np.ndarray, labels: np.ndarray, seed: int,
     texture = float(rng.uniform(*settings.texture))
     noise_sd = rng.uniform(*settings.tissue_noise, size=len(TISSUES))
     synthetic = _synthesise_hu(tissue, hu_moved, draw, texture, noise_sd, rng)
+    veins: Dict[str, float] = {}
+    if settings.vessel_prob > 0:  # its own stream, as for organ resizing
+        veins = _draw_veins(synthetic, labels_moved, image.GetSpacing()[::-1], draw, noise_sd, settings,
+                            np.random.default_rng([seed, index, 2]))
     degraded = _degradations(settings, monai_seed + 1)({"image": torch.from_numpy(synthetic[None] + 1024.0)})
     synthetic = np.asarray(degraded["image"][0], dtype=np.float32) - 1024.0
 
@@ -395,6 +457,8 @@ def synthesise(image: sitk.Image, hu: np.ndarray, labels: np.ndarray, seed: int,
                  "mean_hu": {t.name: round(m, 1) for t, m in zip(TISSUES, draw["means"])}}
     if scales:
         described["organ_scale"] = scales  # TotalSegmentator id -> geometric mean linear scale
+    if veins:
+        described["vein_share"] = veins  # TotalSegmentator id -> share of the organ drawn as vein
     return np.clip(np.rint(synthetic), -1024, 3071).astype(np.int16), btcv, described
 
 
@@ -451,20 +515,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="chance per organ (spleen, liver, kidneys, stomach, pancreas, vessels...) of being grown "
                              "or shrunk about its centre, for organ sizes other than the source patient's "
                              "(default 0: earlier seeds' cases unchanged)")
+    parser.add_argument("--vessel-prob", type=float, default=SynthSettings.vessel_prob,
+                        help="share of cases whose liver gets a random network of veins at the contrast phase's "
+                             "hepatic and portal vein HU, still labelled liver (default 0: earlier seeds' cases "
+                             "unchanged)")
     parser.add_argument("--progress", default=None, choices=["jsonl", "tqdm", "none"])
 
 
 def run(args: argparse.Namespace) -> int:
     from ..events import reporter_for
 
-    for flag, value in (("--slab-prob", args.slab_prob), ("--organ-resize-prob", args.organ_resize_prob)):
+    for flag, value in (("--slab-prob", args.slab_prob), ("--organ-resize-prob", args.organ_resize_prob),
+                        ("--vessel-prob", args.vessel_prob)):
         if not 0.0 <= value <= 1.0:
             raise UserError(f"{flag} must be in [0, 1], got {value}")
     reporter = reporter_for(args.progress)
     start = time.perf_counter()
     out = write_synth_dataset(args.source, args.out, args.cases, seed=args.seed,
                               settings=SynthSettings(slab_prob=args.slab_prob,
-                                                                     organ_resize_prob=args.organ_resize_prob),
+                                                     organ_resize_prob=args.organ_resize_prob,
+                                                     vessel_prob=args.vessel_prob),
                               progress=reporter)
     seconds = time.perf_counter() - start
     reporter.emit("done", outputs=[str(out)], seconds=round(seconds, 2))
