@@ -50,10 +50,13 @@ def test_speed_tiny(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_speed_thread_list_and_busy_core_in_fresh_processes(tmp_path, capsys):
+def test_speed_thread_list_and_busy_core_in_fresh_processes(tmp_path, capsys, monkeypatch):
     """``--threads 1,2 --busy-core``: four measurements (1 and 2 threads, idle and with one CPU-burning process),
-    each in its own process with that many threads; the scaling table's times are the measurements' own and its
-    ratios are computed from them; the operator profile is there for every measurement."""
+    each in its own process with that many threads and the CLI's OpenMP wait setting; the scaling table's times are
+    the measurements' own and its ratios are computed from them; the operator profile is there for every
+    measurement."""
+    for name in cli.OPENMP_USER_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
     out = tmp_path / "bench"
     assert cli.main(["bench", "speed", "--out", str(out), "--size", "32", "--models", "logonet:T", "--threads", "1,2",
                      "--busy-core", "--runs", "1", "--warmup", "0", "--no-variants", "--op-profile", "logonet:T",
@@ -65,7 +68,9 @@ def test_speed_thread_list_and_busy_core_in_fresh_processes(tmp_path, capsys):
         (measured,) = common.read_csv(child / "speed.csv")
         assert measured["model"] == "logonet:T" and float(measured["forward_s"]) > 0
         assert float(row["forward_s"]) == pytest.approx(float(measured["forward_s"]), rel=1e-5)
-        assert json.loads((child / "speed_machine.json").read_text())["torch_threads"] == threads
+        child_machine = json.loads((child / "speed_machine.json").read_text())
+        assert child_machine["torch_threads"] == threads
+        assert child_machine["gomp_spincount"] == cli.OPENMP_DEFAULTS["GOMP_SPINCOUNT"]
     for load in ("idle", "busy"):
         one, two = float(rows[(load, 1)]["forward_s"]), float(rows[(load, 2)]["forward_s"])
         assert float(rows[(load, 1)]["ratio_vs_base"]) == pytest.approx(1.0)
@@ -86,7 +91,7 @@ def test_speed_thread_list_and_busy_core_in_fresh_processes(tmp_path, capsys):
     assert len(machine["load_average_start"]) == 3 and len(machine["load_average_end"]) == 3
     text = (out / "speed.md").read_text()
     assert "Thread scaling" in text and "operators by self CPU time" in text
-    assert "| logonet:T | busy | 2 |" in text
+    assert "| logonet:T | busy | 2 |" in text and "GOMP_SPINCOUNT=1000" in text
 
 
 def test_speed_refuses_bad_thread_lists(tmp_path, capsys):

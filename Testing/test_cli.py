@@ -80,3 +80,22 @@ def test_every_command_is_in_the_interfaces_table():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "interfaces.md").read_text(encoding="utf-8")
     for name, (module, _help) in COMMANDS.items():
         assert f"| {name} | `{module}` |" in doc, name
+
+
+def test_openmp_wait_policy_is_set_before_torch_loads_and_a_users_choice_wins() -> None:
+    """OpenMP reads its wait settings once, when torch is loaded: main() must set them before a command imports
+    torch, and leave them alone when the user set one."""
+    code = ("import os, sys\nfor name in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT'):\n    os.environ.pop(name, None)\n"
+            "from logonet import cli\nseen = {}\nreal = cli.command_parser\n"
+            "def spy(name):\n    seen['policy'] = os.environ.get('GOMP_SPINCOUNT')\n"
+            "    seen['torch'] = 'torch' in sys.modules\n    return real(name)\n"
+            "cli.command_parser = spy\ncli.main(['evaluate', 'missing_a.nii.gz', 'missing_b.nii.gz'])\n"
+            "print('SEEN', seen['policy'], seen['torch'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "SEEN 1000 False" in out
+    for users in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "INFINITY"}):
+        env = dict(users)
+        assert cli.apply_openmp_defaults(env) == {} and env == users
+    env = {"OMP_NUM_THREADS": "2"}
+    assert cli.apply_openmp_defaults(env) == {"GOMP_SPINCOUNT": "1000"}
+    assert env == {"OMP_NUM_THREADS": "2", "GOMP_SPINCOUNT": "1000"}

@@ -55,8 +55,34 @@ def command_parser(name: str) -> Tuple[argparse.ArgumentParser, object]:
     return parser, module
 
 
+#: libgomp (PyTorch's OpenMP runtime on Linux) reads these once, when torch is loaded, so ``main`` sets them before
+#: any command module (and torch) is imported. A thread that has finished its share of an operator spins this many
+#: rounds (libgomp's default: 300,000) before it sleeps. While it spins it holds its core; when another program
+#: holds the other one, our second thread shares a core with it and every operator waits for that thread. Sleeping
+#: sooner lets the operating system move it to the freed core. Measured (issue 14, docs/benchmarks.md), LoGoNet-S at
+#: 2 threads per 96^3 patch, medians: one core busy 13.2 s -> 11.4 s, idle 7.1 s -> 7.1 s (OMP_WAIT_POLICY=PASSIVE,
+#: no spinning: busy 11.3 s but idle 7.8 s). Intel's and LLVM's runtimes (torch on Windows, macOS) ignore it.
+OPENMP_DEFAULTS: Dict[str, str] = {"GOMP_SPINCOUNT": "1000"}
+#: A user's own OpenMP wait settings win: none of OPENMP_DEFAULTS is set when any of these is.
+OPENMP_USER_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def apply_openmp_defaults(environ: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """Set :data:`OPENMP_DEFAULTS` in ``environ`` (default ``os.environ``) unless the user chose a wait policy
+    (:data:`OPENMP_USER_SETTINGS`); returns what it set. Child processes (torchrun ranks, benchmark workers)
+    inherit them."""
+    import os
+
+    env = os.environ if environ is None else environ
+    if any(name in env for name in OPENMP_USER_SETTINGS):
+        return {}
+    env.update(OPENMP_DEFAULTS)
+    return dict(OPENMP_DEFAULTS)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    apply_openmp_defaults()  # before a command module imports torch
     if not argv or argv[0] not in COMMANDS:
         parser = build_parser()
         parser.parse_args(argv)  # --help, --version, or an unknown command (exits with argparse's message)

@@ -78,7 +78,9 @@ def describe_machine(device: torch.device) -> Dict[str, Any]:
         "os": platform.platform(terse=True), "python": platform.python_version(),
         "torch": torch.__version__, "monai": monai.__version__, "device": str(device),
         # how OpenMP's idle threads wait (spin or sleep) changes timings on a loaded machine; None = the default
+        # (logonet's CLI sets GOMP_SPINCOUNT unless the user chose: cli.OPENMP_DEFAULTS)
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -115,7 +117,7 @@ def machine_line(info: Mapping[str, Any]) -> str:
     gpu = f"; GPU {info['gpu']} ({info['gpu_memory_gib']} GiB)" if "gpu" in info else ""
     end = info.get("load_average_end")
     end_load = f", {end[0]} at end" if end else ""
-    wait = f", OMP_WAIT_POLICY={info['omp_wait_policy']}" if info.get("omp_wait_policy") else ""
+    wait = "".join(f", {name.upper()}={info[name]}" for name in ("omp_wait_policy", "gomp_spincount") if info.get(name))
     return (f"{info['date_utc']} UTC; {info['cpu']}, {info['cpu_cores_usable']} usable cores, torch threads "
             f"{info['torch_threads']}{wait}, {info['ram_gib']} GiB RAM, load average {info['load_average_1min']} at start"
             f"{end_load}{gpu}; device {info['device']}; {info['os']}, Python {info['python']}, torch {info['torch']}, "
