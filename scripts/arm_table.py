@@ -19,8 +19,8 @@ from typing import Dict, List
 
 #: scratch and SSL-initialised (the comparison); demo, demo3: stages 2, 3 of the curriculum from the one-scan model;
 #: demo4: stage 3 again with resized-organ synthetic CTs instead of demo3's second synthetic set; demo5: with synthetic CTs of
-#: another patient (the sample MR slab's anatomy)
-ARMS = ("scratch", "ssl", "demo", "demo3", "demo4", "demo5")
+#: another patient (the sample MR slab's anatomy); demo6: with demo3's second synthetic set redrawn with veins in the liver
+ARMS = ("scratch", "ssl", "demo", "demo3", "demo4", "demo5", "demo6")
 
 
 def read_dice(path: Path) -> Dict[str, float]:
