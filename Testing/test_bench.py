@@ -208,6 +208,12 @@ def test_gpu_script_runs_on_the_cpu_with_tiny_sizes(tmp_path, capsys):
     assert step["status"] == "ok" and step["step_s"] > 0 and step["amp"] == "off"
     assert cli.main(["bench", "gpu", "--tiny", "--device", "cpu", "--variants", "fp64", "--out", str(tmp_path)]) == 2
     assert "unknown --variants ['fp64']" in capsys.readouterr().err
+    assert cli.main(["bench", "gpu", "--tiny", "--device", "cpu", "--parts", "train,disk", "--out", str(tmp_path)]) == 2
+    assert "unknown --parts ['disk']" in capsys.readouterr().err
+    # --parts runs only the named sections (a lease split across calls): here the training step alone
+    assert cli.main(["bench", "gpu", "--tiny", "--device", "cpu", "--parts", "train", "--out", str(tmp_path)]) == 0
+    written = sorted(p.name for p in tmp_path.glob("gpu*.csv"))
+    assert written == ["gpu_train.csv"], written
 
 
 def test_volume_paper_cards_use_the_papers_setting_and_the_targets_are_stated(monkeypatch, tmp_path):

@@ -28,6 +28,7 @@ VARIANTS: Tuple[Tuple[str, Optional[torch.dtype], bool, bool], ...] = (
     ("fp32", None, False, False), ("fp16", torch.float16, False, False), ("bf16", torch.bfloat16, False, False),
     ("fp16 + channels_last_3d", torch.float16, True, False), ("fp16 + torch.compile", torch.float16, False, True),
 )
+PARTS = ("cases", "oom", "train")
 BTCV_SHAPE, BTCV_SPACING, PAPER_SPACING = (512, 512, 120), (0.8, 0.8, 2.5), (1.5, 1.5, 2.0)
 PAPER_SECONDS = {"logonet:S": 5.38, "swinunetr": 6.16}
 
@@ -51,6 +52,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=2, help="timed cases per variant after one warm-up (median)")
     parser.add_argument("--variants", default=",".join(v[0] for v in VARIANTS),
                         help="comma-separated subset of: " + ", ".join(v[0] for v in VARIANTS))
+    parser.add_argument("--models", default=None,
+                        help="comma-separated subset of the plan's models (default both: logonet:S,swinunetr; "
+                             "--tiny: logonet:T,swinunetr)")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help="comma-separated subset of: " + ", ".join(PARTS) + " (split a run across calls of a "
+                             "time-limited lease: torch.compile's first calls take minutes)")
 
 
 def paper_grid() -> Tuple[int, int, int]:
@@ -110,17 +117,19 @@ def case_row(spec: str, kwargs: Dict[str, Any], variant: Tuple[str, Optional[tor
 
 
 def oom_fallback_row(spec: str, shape: Sequence[int], roi: int, device: torch.device,
-                     fraction: float = 0.02) -> Dict[str, Any]:
-    """Segment with :class:`Predictor` while the GPU may use only ``fraction`` of its memory: the warnings name
-    the fallback taken (stitch on the CPU, or the whole inference on the CPU)."""
+                     fraction: Optional[float] = None) -> Dict[str, Any]:
+    """Segment with :class:`Predictor` while the GPU may use only ``fraction`` of its memory (default: 1 GiB's
+    worth, so that a 141 GB card runs short as a 16 GB one would not): the warnings name the fallback taken
+    (stitch on the CPU, or the whole inference on the CPU)."""
     from .. import modelcard
     from ..infer import Predictor
     from ..nets import parse_spec
 
-    row: Dict[str, Any] = {"memory_fraction": fraction}
     if device.type != "cuda":
-        row.update(path="-", status="skipped (no CUDA device)")
-        return row
+        return {"memory_fraction": fraction, "path": "-", "status": "skipped (no CUDA device)"}
+    if fraction is None:
+        fraction = min(0.02, 2 ** 30 / torch.cuda.get_device_properties(device).total_memory)
+    row: Dict[str, Any] = {"memory_fraction": fraction}
     name, preset = parse_spec(spec)
     recorder = common.WarningRecorder()
     with tempfile.TemporaryDirectory(prefix="logonet-bench-gpu-") as tmp:
@@ -176,29 +185,41 @@ def train_row(spec: str, roi: int, device: torch.device, runs: int) -> Dict[str,
     return row
 
 
-def run(args: argparse.Namespace) -> int:
-    reporter, device = common.setup(args)
-    plan = _plan(args.tiny)
-    wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = sorted(set(wanted) - {v[0] for v in VARIANTS})
+def _subset(text: str, choices: Sequence[str], option: str) -> List[str]:
+    """The comma-separated names of ``text``, each one of ``choices`` (else a UserError naming the option)."""
+    wanted = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = sorted(set(wanted) - set(choices))
     if unknown:
         from ..errors import UserError
 
-        raise UserError(f"unknown --variants {unknown}; choose from {[v[0] for v in VARIANTS]}")
+        raise UserError(f"unknown {option} {unknown}; choose from {list(choices)}")
+    return wanted
+
+
+def run(args: argparse.Namespace) -> int:
+    reporter, device = common.setup(args)
+    plan = _plan(args.tiny)
+    wanted = _subset(args.variants, [v[0] for v in VARIANTS], "--variants")
+    parts = _subset(args.parts, PARTS, "--parts")
+    models = _subset(args.models or ",".join(plan["models"]), list(plan["models"]), "--models")
     variants = [v for v in VARIANTS if v[0] in wanted]
-    jobs = [(spec, kwargs, variant) for spec, kwargs in plan["models"].items() for variant in variants]
+    jobs = [(spec, kwargs, variant) for spec, kwargs in plan["models"].items() if spec in models
+            for variant in variants]
     cases = [case_row(spec, kwargs, variant, plan["shape"], plan["roi"], device, args.runs)
-             for _, (spec, kwargs, variant) in common.iterate_jobs(reporter, jobs, "cases")]
-    oom = [oom_fallback_row(plan["train_model"], plan["shape"], plan["roi"], device)]
-    training = [train_row(plan["train_model"], plan["roi"], device, args.runs)]
+             for _, (spec, kwargs, variant) in common.iterate_jobs(reporter, jobs, "cases")] if "cases" in parts else []
     shape = "x".join(str(n) for n in plan["shape"])
-    sections = [
-        common.Section(f"Whole-volume segmentation, {shape} voxels, {plan['roi']}^3 windows, overlap 0.5, batch 4",
-                       cases, CASE_COLUMNS, "gpu_cases.csv"),
-        common.Section("Out-of-memory fallback (Predictor, memory fraction forced low)", oom, OOM_COLUMNS,
-                       "gpu_oom.csv"),
-        common.Section("Training step", training, TRAIN_COLUMNS, "gpu_train.csv"),
-    ]
+    sections = []
+    if "cases" in parts:
+        sections.append(common.Section(
+            f"Whole-volume segmentation, {shape} voxels, {plan['roi']}^3 windows, overlap 0.5, batch 4",
+            cases, CASE_COLUMNS, "gpu_cases.csv"))
+    if "oom" in parts:
+        sections.append(common.Section(
+            "Out-of-memory fallback (Predictor, memory fraction forced low)",
+            [oom_fallback_row(plan["train_model"], plan["shape"], plan["roi"], device)], OOM_COLUMNS, "gpu_oom.csv"))
+    if "train" in parts:
+        sections.append(common.Section("Training step", [train_row(plan["train_model"], plan["roi"], device, args.runs)],
+                                       TRAIN_COLUMNS, "gpu_train.csv"))
     best = {spec: min((r["case_s"] for r in cases if r["model"] == spec and r.get("case_s")), default=None)
             for spec in plan["models"]}
     notes = [f"{spec}: best {value:.2f} s/case" + (f" (paper {PAPER_SECONDS[spec]} s; goal < 2 s: "
