@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -231,3 +232,12 @@ USER_OS_ERRNOS = frozenset(_OS_REASONS)
 def os_reason(error: OSError) -> str:
     """A short reason for an ``OSError`` ("no space left on the device")."""
     return _OS_REASONS.get(error.errno or -1, error.strerror or type(error).__name__)
+
+
+def sha256_file(path: PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -146,7 +146,7 @@ def cache_folder(card: Any, roi: Optional[Sequence[int]] = None, root: Optional[
     """Where a model card's exports for window ``roi`` (default: the card's) are cached."""
     sha = card.meta.get("weights_sha256")
     if not sha:  # an older card without the hash: hash the weights themselves
-        from .data.volumes import sha256_file
+        from .atomic import sha256_file
 
         sha = sha256_file(card.weights_path)
     window = tuple(roi) if roi is not None else card.roi_size

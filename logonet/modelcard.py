@@ -164,7 +164,7 @@ def read_weights(path: PathLike, expected_sha256: Optional[str] = None) -> Dict[
     if len(head) < 9 or head[8:9] != b"{":
         raise UserError(f"{path} is not a safetensors file (bad header); the model card is corrupt")
     if expected_sha256:
-        from .data.volumes import sha256_file
+        from .atomic import sha256_file
 
         actual = sha256_file(path)
         if actual != expected_sha256:
@@ -240,7 +240,7 @@ def save(out_dir: PathLike, model: Union[nn.Module, Mapping[str, torch.Tensor]],
     """
     from safetensors.torch import save_file
 
-    from .data.volumes import sha256_file
+    from .atomic import sha256_file
 
     out_dir = Path(out_dir)
     tensors = _tensors_to_store(model, dtype)

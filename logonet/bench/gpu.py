@@ -137,7 +137,8 @@ def oom_fallback_row(spec: str, shape: Sequence[int], roi: int, device: torch.de
         labels = [{"value": v, "name": f"organ {v}"} for v in range(1, 14)]
         modelcard.save(Path(tmp) / "card", net, name="bench", labels=labels,
                        architecture={"name": name, "preset": preset, "in_channels": 1, "out_channels": 14, "kwargs": {}},
-                       preprocessing={"spacing": list(PAPER_SPACING), "roi_size": [roi] * 3})
+                       preprocessing={"spacing": list(PAPER_SPACING), "roi_size": [roi] * 3,
+                                      "intensity_window": [-175.0, 250.0]})
         predictor = Predictor(Path(tmp) / "card", device=str(device), reporter=recorder)
         common.release_memory()
         torch.cuda.set_per_process_memory_fraction(fraction, device)

@@ -13,7 +13,6 @@ travel in the file header where the format allows it and always in a sidecar ``<
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, sha256_file  # noqa: F401 (sha256_file: re-exported for callers)
 from ..errors import UserError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -545,15 +544,6 @@ def _read_back_problem(image: sitk.Image, written: Path) -> str:
     if image.GetDimension() == 3 and geometry_differences(image, back, tol=1e-3):
         return "reads back on another grid (" + "; ".join(geometry_differences(image, back, tol=1e-3)) + ")"
     return ""
-
-
-def sha256_file(path: PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 LabelSpec = Union[Mapping[int, str], Sequence[Mapping[str, Any]], None]
