@@ -216,6 +216,50 @@ def test_gpu_script_runs_on_the_cpu_with_tiny_sizes(tmp_path, capsys):
     assert written == ["gpu_train.csv"], written
 
 
+def test_gpu_oom_row_limits_the_current_device_by_index_and_lifts_the_limit(monkeypatch):
+    """The out-of-memory row on a bare "cuda" device (no index, as `--device cuda` gives): the memory fraction is
+    set on the current device's index (torch refuses a bare "cuda": that crashed the first GPU lease) at 1 GiB's
+    worth, lifted afterwards, and a failure inside is the row's status. Simulated here: torch.cuda's calls are
+    recorded and the Predictor runs on the CPU."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from logonet import infer
+    from logonet.bench import gpu
+
+    calls = []
+
+    def set_fraction(fraction, device=None):
+        if not isinstance(device, int):
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{device}")
+        calls.append((fraction, device))
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=64 * 2 ** 30))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", set_fraction)
+
+    class BareCuda:
+        type, index = "cuda", None
+
+        def __str__(self):
+            return "cpu"  # the Predictor's device: the segmentation itself runs on this machine's CPU
+
+    row = gpu.oom_fallback_row("logonet:T", (70, 64, 64), 64, BareCuda())
+    assert row["status"] == "ok" and row["path"] == "GPU (no fallback needed)" and row["seconds"] > 0, row
+    assert calls == [(1 / 64, 0), (1.0, 0)]
+
+    calls.clear()
+
+    def out_of_memory(self, x):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(infer.Predictor, "logits", out_of_memory)
+    row = gpu.oom_fallback_row("logonet:T", (70, 64, 64), 64, BareCuda(), fraction=0.01)
+    assert row["status"] == "failed: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", row
+    assert calls == [(0.01, 0), (1.0, 0)]
+
+
 def test_volume_paper_cards_use_the_papers_setting_and_the_targets_are_stated(monkeypatch, tmp_path):
     from logonet.bench import volume
 
@@ -237,3 +281,19 @@ def test_volume_paper_cards_use_the_papers_setting_and_the_targets_are_stated(mo
     rows[0].update(total_s=60.0, peak_mib=6000.0)
     (note,) = volume.paper_notes(rows)
     assert "target <= 0.5 MISSED" in note and "target < 6 GB MISSED" in note
+
+
+def test_speed_rows_are_timed_without_the_optional_fvcore(monkeypatch):
+    """fvcore (the 'bench' extra) only counts MACs: without it a speed row still has its time, MACs n/a (a bare
+    GPU image has no fvcore: the first lease's speed table died on it)."""
+    import torch
+
+    from logonet.bench import speed
+    from logonet.nets import complexity
+
+    def no_fvcore(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'fvcore'")
+
+    monkeypatch.setattr(complexity, "count_macs", no_fvcore)
+    row = speed.measure_model("logonet:T", 32, 14, torch.device("cpu"), 0, 1)
+    assert row["status"] == "ok" and row["gmacs"] is None and row["forward_s"] > 0 and row["params_m"] > 0

@@ -127,31 +127,38 @@ def oom_fallback_row(spec: str, shape: Sequence[int], roi: int, device: torch.de
 
     if device.type != "cuda":
         return {"memory_fraction": fraction, "path": "-", "status": "skipped (no CUDA device)"}
+    # set_per_process_memory_fraction wants an index: a bare "cuda" device has none (the first lease's crash)
+    index = device.index if device.index is not None else torch.cuda.current_device()
     if fraction is None:
-        fraction = min(0.02, 2 ** 30 / torch.cuda.get_device_properties(device).total_memory)
-    row: Dict[str, Any] = {"memory_fraction": fraction}
+        fraction = min(0.02, 2 ** 30 / torch.cuda.get_device_properties(index).total_memory)
+    row: Dict[str, Any] = {"memory_fraction": fraction, "path": "-"}
     name, preset = parse_spec(spec)
     recorder = common.WarningRecorder()
-    with tempfile.TemporaryDirectory(prefix="logonet-bench-gpu-") as tmp:
-        net = _build(spec, {}, torch.device("cpu"))
-        labels = [{"value": v, "name": f"organ {v}"} for v in range(1, 14)]
-        modelcard.save(Path(tmp) / "card", net, name="bench", labels=labels,
-                       architecture={"name": name, "preset": preset, "in_channels": 1, "out_channels": 14, "kwargs": {}},
-                       preprocessing={"spacing": list(PAPER_SPACING), "roi_size": [roi] * 3,
-                                      "intensity_window": [-175.0, 250.0]})
-        predictor = Predictor(Path(tmp) / "card", device=str(device), reporter=recorder)
-        common.release_memory()
-        torch.cuda.set_per_process_memory_fraction(fraction, device)
-        try:
+    limited = False
+    try:  # any failure is this row's status, never the end of the run (it cost the first lease its tables)
+        with tempfile.TemporaryDirectory(prefix="logonet-bench-gpu-") as tmp:
+            net = _build(spec, {}, torch.device("cpu"))
+            labels = [{"value": v, "name": f"organ {v}"} for v in range(1, 14)]
+            modelcard.save(Path(tmp) / "card", net, name="bench", labels=labels,
+                           architecture={"name": name, "preset": preset, "in_channels": 1, "out_channels": 14,
+                                         "kwargs": {}},
+                           preprocessing={"spacing": list(PAPER_SPACING), "roi_size": [roi] * 3,
+                                          "intensity_window": [-175.0, 250.0]})
+            predictor = Predictor(Path(tmp) / "card", device=str(device), reporter=recorder)
+            common.release_memory()
+            torch.cuda.set_per_process_memory_fraction(fraction, index)
+            limited = True
             start = time.perf_counter()
             predictor.logits(torch.rand(1, 1, *shape))
             row["seconds"] = time.perf_counter() - start
             row["path"] = recorder.messages[-1] if recorder.messages else "GPU (no fallback needed)"
             row["status"] = "ok"
-        except Exception as error:
-            row.update(path="; ".join(recorder.messages) or "-", status=f"failed: {type(error).__name__}")
-        finally:
-            torch.cuda.set_per_process_memory_fraction(1.0, device)
+    except Exception as error:
+        row.update(path="; ".join(recorder.messages) or "-",
+                   status=f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''}")
+    finally:
+        if limited:
+            torch.cuda.set_per_process_memory_fraction(1.0, index)
     return row
 
 
