@@ -45,7 +45,8 @@ ENGINE_CHOICES: Tuple[str, ...] = ("auto",) + ENGINES
 #: from the measured engine table in docs/benchmarks.md (``logonet bench engines``, 2 threads, 2026-12-03):
 #: OpenVINO fp32 ran a 64^3 window 1.9x (LoGoNet-T) / 1.8x (LoGoNet-S) faster than torch and the demo model's
 #: sample-CT inference 2.3x faster with 100% equal labels; ONNX Runtime was no faster (0.86-1.0x), so it is
-#: only used when asked for by name.
+#: only used when asked for by name. Re-measured 2026-12-04 with malloc keeping freed memory (torch's own gain):
+#: OpenVINO still 1.84x (LoGoNet-S window) and 2.14x (sample CT) faster.
 AUTO_ORDER: Tuple[str, ...] = ("openvino", "torch")
 PRECISIONS: Tuple[str, ...] = ("fp32", "bf16")
 #: The Python package each optional engine needs, and how to get it.
