@@ -77,6 +77,38 @@ class PackedConv3d(nn.Conv3d):
         return y.reshape(batch, groups, cout_p, *y.shape[2:])[:, :, :cout].reshape(batch, groups * cout, *y.shape[2:])
 
 
+class DilatedDepthwiseConv3d(nn.Conv3d):
+    """A depth-wise, dilated, "same"-padded 3-D convolution (LKA's 7^3 at dilation 3) that is fast on the CPU.
+
+    oneDNN runs a dilated depth-wise 3-D convolution about 20x slower than an undilated one of the same work
+    (64 channels at 24^3, 1 thread: 0.199 s against 0.0085 s). With dilation ``d``, output voxel ``i`` only reads
+    inputs ``i + d*t``, all of them in ``i``'s phase (``i mod d`` per axis). So on the CPU the map is cut into its
+    ``d^3`` phase grids (stacked along the batch), each is convolved undilated with the same kernel, and the
+    results are interleaved back: the same sum over the same terms. Sides are zero-padded to a multiple of ``d``
+    first (the convolution's own zero padding) and cropped after. Elsewhere (CUDA, traced exports, FLOP counts)
+    it is the plain convolution; parameters are those of ``nn.Conv3d``. Shapes: ``(B, C, D, H, W) -> same``.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, dilation: int) -> None:
+        super().__init__(channels, channels, kernel_size, padding=dilation * (kernel_size // 2), dilation=dilation,
+                         groups=channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or torch.jit.is_tracing() or self.dilation[0] == 1:
+            return super().forward(x)
+        d, half = self.dilation[0], self.kernel_size[0] // 2
+        batch, channels, size = x.shape[0], x.shape[1], list(x.shape[2:])
+        padded = [-(-n // d) * d for n in size]
+        if padded != size:
+            x = F.pad(x, (0, padded[2] - size[2], 0, padded[1] - size[1], 0, padded[0] - size[0]))
+        grid = [n // d for n in padded]
+        phases = x.reshape(batch, channels, grid[0], d, grid[1], d, grid[2], d).permute(0, 3, 5, 7, 1, 2, 4, 6)
+        y = F.conv3d(phases.reshape(batch * d ** 3, channels, *grid), self.weight, self.bias, padding=half,
+                     groups=channels)
+        y = y.reshape(batch, d, d, d, channels, *grid).permute(0, 4, 5, 1, 6, 2, 7, 3).reshape(batch, channels, *padded)
+        return y if padded == size else y[:, :, :size[0], :size[1], :size[2]].contiguous()
+
+
 def pack_channels(tensors: Sequence[torch.Tensor], groups: int) -> torch.Tensor:
     """Concatenate packed maps network by network: ``[(B, g*c_i, ...)] -> (B, g*sum(c_i), ...)``."""
     batch, spatial = tensors[0].shape[0], tensors[0].shape[2:]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import PackedConv3d
+from .layers import DilatedDepthwiseConv3d, PackedConv3d
 
 
 class LKA3D(nn.Module):
@@ -19,7 +19,7 @@ class LKA3D(nn.Module):
         channels = groups * dim
         self.norm = nn.BatchNorm3d(channels)
         self.conv_spatial_local = nn.Conv3d(channels, channels, 5, padding=2, groups=channels)
-        self.conv_spatial_dilated = nn.Conv3d(channels, channels, 7, padding=9, dilation=3, groups=channels)
+        self.conv_spatial_dilated = DilatedDepthwiseConv3d(channels, 7, dilation=3)
         self.conv_channel = PackedConv3d(channels, channels, 1, groups=groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
