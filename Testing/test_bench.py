@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from logonet import cli
+from logonet import cli, process_setup
 from logonet.bench import common
 from logonet.bench.report import fill
 from logonet.bench.selfsup import summarize
@@ -55,7 +55,7 @@ def test_speed_thread_list_and_busy_core_in_fresh_processes(tmp_path, capsys, mo
     each in its own process with that many threads and the CLI's OpenMP wait setting; the scaling table's times are
     the measurements' own and its ratios are computed from them; the operator profile is there for every
     measurement."""
-    for name in cli.OPENMP_USER_SETTINGS:
+    for name in process_setup.OPENMP_USER_SETTINGS:
         monkeypatch.delenv(name, raising=False)
     out = tmp_path / "bench"
     assert cli.main(["bench", "speed", "--out", str(out), "--size", "32", "--models", "logonet:T", "--threads", "1,2",
@@ -70,7 +70,7 @@ def test_speed_thread_list_and_busy_core_in_fresh_processes(tmp_path, capsys, mo
         assert float(row["forward_s"]) == pytest.approx(float(measured["forward_s"]), rel=1e-5)
         child_machine = json.loads((child / "speed_machine.json").read_text())
         assert child_machine["torch_threads"] == threads
-        assert child_machine["gomp_spincount"] == cli.OPENMP_DEFAULTS["GOMP_SPINCOUNT"]
+        assert child_machine["gomp_spincount"] == process_setup.OPENMP_DEFAULTS["GOMP_SPINCOUNT"]
     for load in ("idle", "busy"):
         one, two = float(rows[(load, 1)]["forward_s"]), float(rows[(load, 2)]["forward_s"])
         assert float(rows[(load, 1)]["ratio_vs_base"]) == pytest.approx(1.0)

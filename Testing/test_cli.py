@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from logonet import cli
+from logonet import cli, process_setup
 
 
 def test_top_level_help_lists_every_command_without_importing_them() -> None:
@@ -18,7 +18,7 @@ def test_top_level_help_lists_every_command_without_importing_them() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     for name in cli.COMMANDS:
         assert name in out
-    assert "LOADED ['logonet.cli', 'logonet.errors']" in out
+    assert "LOADED ['logonet.cli', 'logonet.errors', 'logonet.process_setup']" in out  # no torch, no command
 
 
 def test_no_command_prints_help_and_unknown_command_is_refused(capsys) -> None:
@@ -96,9 +96,9 @@ def test_openmp_wait_policy_is_set_before_torch_loads_and_a_users_choice_wins() 
     assert "SEEN 1000 False" in out
     for users in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "INFINITY"}):
         env = dict(users)
-        assert cli.apply_openmp_defaults(env) == {} and env == users
+        assert process_setup.apply_openmp_defaults(env) == {} and env == users
     env = {"OMP_NUM_THREADS": "2"}
-    assert cli.apply_openmp_defaults(env) == {"GOMP_SPINCOUNT": "1000"}
+    assert process_setup.apply_openmp_defaults(env) == {"GOMP_SPINCOUNT": "1000"}
     assert env == {"OMP_NUM_THREADS": "2", "GOMP_SPINCOUNT": "1000"}
 
 
@@ -112,8 +112,8 @@ def test_malloc_keeps_freed_memory_so_large_tensors_cost_no_page_faults() -> Non
 
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
-    code = ("import resource, sys, torch\nfrom logonet import cli\n"
-            "applied = cli.retain_freed_memory() if sys.argv[1] == 'retain' else False\n"
+    code = ("import resource, sys, torch\nfrom logonet import process_setup\n"
+            "applied = process_setup.retain_freed_memory() if sys.argv[1] == 'retain' else False\n"
             "def faults():\n    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
             "start = 0\nfor i in range(40):\n"  # a 64 MiB tensor, freed at once; glibc's heap settles in ~30 rounds
             "    start = faults() if i == 30 else start\n    torch.ones(16 * 2 ** 20)\n"
@@ -128,4 +128,4 @@ def test_malloc_keeps_freed_memory_so_large_tensors_cost_no_page_faults() -> Non
     assert results["retain"][0] == "True" and results["retain"][1] < pages // 10, results
     assert results["default"][1] > pages // 2, results  # the cost it removes
     for users in ({"MALLOC_MMAP_MAX_": "65536"}, {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}):
-        assert cli.retain_freed_memory(dict(users)) is False
+        assert process_setup.retain_freed_memory(dict(users)) is False

@@ -64,7 +64,10 @@ def test_torchrun_two_ranks_train_like_one_process_with_the_same_global_batch(ma
     a, b = _metrics(one), _metrics(two)
     assert [r["epoch"] for r in a] == [r["epoch"] for r in b] == ["1", "2"]
     for ra, rb in zip(a, b):
-        assert float(rb["loss"]) == pytest.approx(float(ra["loss"]), rel=1e-4, abs=1e-6), (ra, rb)
+        # Float tolerance: oneDNN sums a batch of 2 and two batches of 1 in different orders. On an Intel AVX-512
+        # host the two runs drift apart by 1.8e-4 (relative) by epoch 2, before this change too (2026-12-04);
+        # another seed (other crops and weights) moves the epoch-2 loss by 8% (3.731 -> 3.448).
+        assert float(rb["loss"]) == pytest.approx(float(ra["loss"]), rel=1e-3, abs=1e-6), (ra, rb)
         assert float(rb["lr"]) == pytest.approx(float(ra["lr"]), rel=1e-6)
         assert float(rb["dice"]) == pytest.approx(float(ra["dice"]), rel=1e-3, abs=1e-4), (ra, rb)
     assert float(a[1]["loss"]) < float(a[0]["loss"])  # it trained: the comparison is not of two idle runs

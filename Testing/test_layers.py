@@ -16,6 +16,7 @@ CORE = ROOT / "logonet"
 #: module (or package prefix) -> layer; a module may import from its own layer and the layers below.
 LAYERS: Dict[str, int] = {
     "logonet.errors": 0, "logonet.events": 0, "logonet.atomic": 0, "logonet.cardschema": 0,
+    "logonet.process_setup": 0,
     "logonet.runtime": 1, "logonet.nets": 1, "logonet.data": 1,
     "logonet.modelcard": 2,
     "logonet.infer": 3, "logonet.evaluate": 3, "logonet.engines": 3, "logonet.postprocess": 3,

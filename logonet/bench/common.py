@@ -61,7 +61,7 @@ def describe_machine(device: torch.device) -> Dict[str, Any]:
     import monai
     import psutil
 
-    from .. import cli
+    from .. import process_setup
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -80,11 +80,11 @@ def describe_machine(device: torch.device) -> Dict[str, Any]:
         "os": platform.platform(terse=True), "python": platform.python_version(),
         "torch": torch.__version__, "monai": monai.__version__, "device": str(device),
         # how OpenMP's idle threads wait (spin or sleep) changes timings on a loaded machine; None = the default
-        # (logonet's CLI sets GOMP_SPINCOUNT unless the user chose: cli.OPENMP_DEFAULTS)
+        # (logonet's CLI sets GOMP_SPINCOUNT unless the user chose: process_setup.OPENMP_DEFAULTS)
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
-        # glibc malloc keeping freed memory (cli.retain_freed_memory) removes page faults that cost up to 45%
-        "malloc_retains_freed": cli.malloc_retains_freed,
+        # glibc malloc keeping freed memory (process_setup.retain_freed_memory) removes page faults that cost up to 45%
+        "malloc_retains_freed": process_setup.malloc_retains_freed,
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
