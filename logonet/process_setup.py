@@ -8,12 +8,13 @@ from typing import Dict, Optional
 
 
 #: libgomp (PyTorch's OpenMP runtime on Linux) reads these once, when torch is loaded, so the CLI's ``main`` sets
-#: them before any command module (and torch) is imported. A thread that has finished its share of an operator spins this many
-#: rounds (libgomp's default: 300,000) before it sleeps. While it spins it holds its core; when another program
-#: holds the other one, our second thread shares a core with it and every operator waits for that thread. Sleeping
-#: sooner lets the operating system move it to the freed core. Measured (issue 14, docs/benchmarks.md), LoGoNet-S at
-#: 2 threads per 96^3 patch, medians: one core busy 13.2 s -> 11.4 s, idle 7.1 s -> 7.1 s (OMP_WAIT_POLICY=PASSIVE,
-#: no spinning: busy 11.3 s but idle 7.8 s). Intel's and LLVM's runtimes (torch on Windows, macOS) ignore it.
+#: them before any command module (and torch) is imported. A thread that has finished its share of an operator
+#: spins this many rounds (libgomp's default: 300,000) before it sleeps. While it spins it holds its core; when
+#: another program holds the other one, our second thread shares a core with it and every operator waits for that
+#: thread. Sleeping sooner lets the operating system move it to the freed core. Measured (issue 14,
+#: docs/benchmarks.md), LoGoNet-S at 2 threads per 96^3 patch, medians: one core busy 13.2 s -> 11.4 s, idle 7.1 s
+#: -> 7.1 s (OMP_WAIT_POLICY=PASSIVE, no spinning: busy 11.3 s but idle 7.8 s). Intel's and LLVM's runtimes (torch
+#: on Windows, macOS) ignore it.
 OPENMP_DEFAULTS: Dict[str, str] = {"GOMP_SPINCOUNT": "1000"}
 #: A user's own OpenMP wait settings win: none of OPENMP_DEFAULTS is set when any of these is.
 OPENMP_USER_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")

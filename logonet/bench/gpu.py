@@ -226,8 +226,8 @@ def run(args: argparse.Namespace) -> int:
             "Out-of-memory fallback (Predictor, memory fraction forced low)",
             [oom_fallback_row(plan["train_model"], plan["shape"], plan["roi"], device)], OOM_COLUMNS, "gpu_oom.csv"))
     if "train" in parts:
-        sections.append(common.Section("Training step", [train_row(plan["train_model"], plan["roi"], device, args.runs)],
-                                       TRAIN_COLUMNS, "gpu_train.csv"))
+        training = [train_row(plan["train_model"], plan["roi"], device, args.runs)]
+        sections.append(common.Section("Training step", training, TRAIN_COLUMNS, "gpu_train.csv"))
     best = {spec: min((r["case_s"] for r in cases if r["model"] == spec and r.get("case_s")), default=None)
             for spec in plan["models"]}
     notes = [f"{spec}: best {value:.2f} s/case" + (f" (paper {PAPER_SECONDS[spec]} s; goal < 2 s: "
