@@ -106,8 +106,7 @@ def test_malloc_keeps_freed_memory_so_large_tensors_cost_no_page_faults() -> Non
     """glibc returns freed blocks over 32 MiB to the system, so every large feature map is faulted in afresh (1.4
     million page faults per LoGoNet-S forward). After retain_freed_memory() a freed 64 MiB tensor's memory is
     reused: once the heap has settled an allocation faults in (almost) nothing, where without it every page faults
-    again. A user's
-    own malloc settings win."""
+    again. A user's own malloc settings win."""
     import platform
 
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":

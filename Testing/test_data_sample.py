@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from logonet.atomic import sha256_file
 from logonet.cli import main
 from logonet.data import sample, volumes
 from logonet.errors import UserError
@@ -114,7 +115,7 @@ def test_archive_extraction_takes_only_reference_files(sample_ct, tmp_path: Path
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, pyio.BytesIO(data))
-    monkeypatch.setattr(sample, "SHA256", volumes.sha256_file(archive))
+    monkeypatch.setattr(sample, "SHA256", sha256_file(archive))
     forbid_pip(monkeypatch)
     dest = tmp_path / "offline"
     paths = sample.fetch_sample(dest, archive=archive)

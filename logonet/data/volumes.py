@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from ..atomic import atomic_write, sha256_file  # noqa: F401 (sha256_file: re-exported for callers)
+from ..atomic import atomic_write
 from ..errors import UserError
 
 PathLike = Union[str, "os.PathLike[str]"]
