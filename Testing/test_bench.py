@@ -216,6 +216,40 @@ def test_gpu_script_runs_on_the_cpu_with_tiny_sizes(tmp_path, capsys):
     assert written == ["gpu_train.csv"], written
 
 
+def test_gpu_run_writes_each_case_row_as_it_finishes(tmp_path, monkeypatch):
+    """bench gpu files the case table row by row, variant by variant with both models in turn: a run killed by a
+    lease's time limit after its second case still leaves both fp32 rows in gpu.md and gpu_cases.csv (the second
+    lease lost every row that had finished). Simulated: case_row gives canned rows, the third call is the kill."""
+    from logonet.bench import common, gpu
+
+    done = []
+
+    def fake_case_row(spec, kwargs, variant, shape, roi, device, runs):
+        if len(done) == 2:
+            raise KeyboardInterrupt  # what timeout's SIGTERM amounts to: nothing after this point runs
+        done.append((spec, variant[0]))
+        return {"model": spec, "variant": variant[0], "case_s": 1.5 + len(done), "status": "ok"}
+
+    monkeypatch.setattr(gpu, "case_row", fake_case_row)
+    assert cli.main(["bench", "gpu", "--tiny", "--device", "cpu", "--parts", "cases", "--variants", "fp32,bf16",
+                     "--progress", "none", "--out", str(tmp_path)]) == 130  # the CLI's exit code on an interrupt
+    assert done == [("logonet:T", "fp32"), ("swinunetr", "fp32")]
+    rows = common.read_csv(tmp_path / "gpu_cases.csv")
+    assert [(r["model"], r["variant"], r["case_s"]) for r in rows] == [("logonet:T", "fp32", "2.5"),
+                                                                         ("swinunetr", "fp32", "3.5")]
+    report = (tmp_path / "gpu.md").read_text()
+    assert "(partial)" in report and "| logonet:T | fp32 | 2.50" in report, report
+    # a run that ends normally: every row, and the title no longer says partial
+    done.clear()
+    monkeypatch.setattr(gpu, "case_row", lambda spec, kwargs, variant, *rest: {
+        "model": spec, "variant": variant[0], "case_s": 1.0, "status": "ok"})
+    assert cli.main(["bench", "gpu", "--tiny", "--device", "cpu", "--parts", "cases", "--variants", "fp32,bf16",
+                     "--progress", "none", "--out", str(tmp_path)]) == 0
+    assert len(common.read_csv(tmp_path / "gpu_cases.csv")) == 4
+    assert "(partial)" not in (tmp_path / "gpu.md").read_text()
+    assert gpu.oom_shape(96) == (192, 192, 96)
+
+
 def test_gpu_oom_row_limits_the_current_device_by_index_and_lifts_the_limit(monkeypatch):
     """The out-of-memory row on a bare "cuda" device (no index, as `--device cuda` gives): the memory fraction is
     set on the current device's index (torch refuses a bare "cuda": that crashed the first GPU lease) at 1 GiB's

@@ -21,14 +21,14 @@ if [ "${TINY:-0}" = 1 ]; then
     big=logonet:T; limits=(120 120 120 60)
 else
     gpu=(--device cuda --runs 2); speed=(--device cuda --models logonet:S,swinunetr)
-    big=logonet:S; limits=(200 150 170 40)
+    big=logonet:S; limits=(${MAIN_LIMIT:-200} 150 170 40)
 fi
 step() {  # step NAME LIMIT ARGS...: one logonet command under its own time limit, its tables in $work/NAME
     local name=$1 limit=$2; shift 2
     case " $steps " in *" $name "*) ;; *) echo "== $name: skipped (not in STEPS)"; return;; esac
     echo "== $name (limit ${limit}s): logonet $*"
     local start=$SECONDS
-    timeout -k 10 "$limit" "$py" -m logonet "$@" --progress none --out "$work/$name"
+    timeout -k 10 "$limit" "$py" -m logonet "$@" --progress jsonl --out "$work/$name"
     echo "== $name: exit $? after $((SECONDS - start)) s"
     tar czf "$out/gpu_run.tgz" -C "$work" .  # after every step: a lease that ends mid-run keeps what finished
 }

@@ -116,6 +116,12 @@ def case_row(spec: str, kwargs: Dict[str, Any], variant: Tuple[str, Optional[tor
     return row
 
 
+def oom_shape(roi: int) -> Tuple[int, int, int]:
+    """The out-of-memory row's volume, 2 x 2 x 1 windows: its fallback may run the whole inference on the CPU,
+    which for the BTCV-sized grid took the second lease's last 4 minutes without finishing."""
+    return (2 * roi, 2 * roi, roi)
+
+
 def oom_fallback_row(spec: str, shape: Sequence[int], roi: int, device: torch.device,
                      fraction: Optional[float] = None) -> Dict[str, Any]:
     """Segment with :class:`Predictor` while the GPU may use only ``fraction`` of its memory (default: 1 GiB's
@@ -210,21 +216,34 @@ def run(args: argparse.Namespace) -> int:
     parts = _subset(args.parts, PARTS, "--parts")
     models = _subset(args.models or ",".join(plan["models"]), list(plan["models"]), "--models")
     variants = [v for v in VARIANTS if v[0] in wanted]
-    jobs = [(spec, kwargs, variant) for spec, kwargs in plan["models"].items() if spec in models
-            for variant in variants]
-    cases: List[Dict[str, Any]] = []
-    sections = []
+    # variant by variant, both models in turn: a run cut short still holds same-variant pairs
+    jobs = [(spec, kwargs, variant) for variant in variants
+            for spec, kwargs in plan["models"].items() if spec in models]
+    sections: List[common.Section] = []
+    title = "GPU run: per-case time, memory, OOM fallback, training step"
+    machine = common.describe_machine(device)
+
+    def keep_rows_so_far() -> None:  # a lease or time limit that ends the run mid-way keeps the finished rows
+        common.write_report(args.out, "gpu", title + " (partial)", common.command_line(args, "gpu"), machine,
+                            sections)
+
     if "cases" in parts:
-        cases = [case_row(spec, kwargs, variant, plan["shape"], plan["roi"], device, args.runs)
-                 for _, (spec, kwargs, variant) in common.iterate_jobs(reporter, jobs, "cases")]
         shape = "x".join(str(n) for n in plan["shape"])
         sections.append(common.Section(
             f"Whole-volume segmentation, {shape} voxels, {plan['roi']}^3 windows, overlap 0.5, batch 4",
-            cases, CASE_COLUMNS, "gpu_cases.csv"))
+            [], CASE_COLUMNS, "gpu_cases.csv"))
+        cases = sections[-1].rows  # filled row by row (Section keeps its own list)
+        for _, (spec, kwargs, variant) in common.iterate_jobs(reporter, jobs, "cases"):
+            cases.append(case_row(spec, kwargs, variant, plan["shape"], plan["roi"], device, args.runs))
+            keep_rows_so_far()
+    else:
+        cases = []
     if "oom" in parts:
         sections.append(common.Section(
             "Out-of-memory fallback (Predictor, memory fraction forced low)",
-            [oom_fallback_row(plan["train_model"], plan["shape"], plan["roi"], device)], OOM_COLUMNS, "gpu_oom.csv"))
+            [oom_fallback_row(plan["train_model"], oom_shape(plan["roi"]), plan["roi"], device)], OOM_COLUMNS,
+            "gpu_oom.csv"))
+        keep_rows_so_far()
     if "train" in parts:
         training = [train_row(plan["train_model"], plan["roi"], device, args.runs)]
         sections.append(common.Section("Training step", training, TRAIN_COLUMNS, "gpu_train.csv"))
@@ -233,5 +252,4 @@ def run(args: argparse.Namespace) -> int:
     notes = [f"{spec}: best {value:.2f} s/case" + (f" (paper {PAPER_SECONDS[spec]} s; goal < 2 s: "
                                                     f"{common.verdict(value < 2.0)})" if spec in PAPER_SECONDS else "")
              for spec, value in best.items() if value is not None]
-    return common.finish(args, reporter, "gpu", "GPU run: per-case time, memory, OOM fallback, training step",
-                         common.describe_machine(device), sections, notes)
+    return common.finish(args, reporter, "gpu", title, machine, sections, notes)
