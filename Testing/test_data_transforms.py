@@ -286,3 +286,40 @@ def test_antialiasing_leaves_the_callers_tensor_alone():
     np.testing.assert_array_equal(image.numpy(), before.numpy())
     assert float(out.std()) < float(image.std())
     np.testing.assert_allclose(out.affine.numpy(), image.affine.numpy())
+
+
+def test_thin_slab_keeps_one_contiguous_axial_slab_of_the_drawn_thickness():
+    """--slab-prob: a crop keeps one run of whole axial slices 30-60 mm thick (10-20 at 3 mm), image and label
+    alike; everything else is 0 in both (the window's low end, as inference pads a thin series; background).
+    Deterministic by seed; off by default."""
+    from logonet.data.transforms import augmentations, thin_slab
+
+    assert PreprocessConfig().slab_prob == 0.0
+    assert not any(type(t).__name__ == "RandCoarseDropoutd" for t in augmentations(PreprocessConfig()))
+    cfg = PreprocessConfig(spacing=(3.0, 3.0, 3.0), slab_prob=1.0)
+    assert type(augmentations(cfg)[-1]).__name__ == "RandCoarseDropoutd"
+    image = torch.rand(1, 40, 36, 64) * 0.9 + 0.1  # no zero before the transform
+    label = torch.randint(1, 5, (1, 40, 36, 64)).float()
+    thicknesses = set()
+    for seed in range(12):
+        slab = thin_slab(cfg)
+        slab.set_random_state(seed)
+        out = slab({"image": image.clone(), "label": label.clone()})
+        kept = np.flatnonzero((np.asarray(out["image"])[0] != 0).any(axis=(0, 1)))
+        assert kept.size and np.array_equal(kept, np.arange(kept[0], kept[-1] + 1))  # contiguous z run
+        thicknesses.add(kept.size)
+        assert 10 <= kept.size <= 20
+        inside = np.zeros(64, dtype=bool)
+        inside[kept] = True
+        assert np.array_equal(np.asarray(out["image"])[..., inside], np.asarray(image)[..., inside])
+        assert np.array_equal(np.asarray(out["label"])[..., inside], np.asarray(label)[..., inside])
+        assert not np.asarray(out["image"])[..., ~inside].any() and not np.asarray(out["label"])[..., ~inside].any()
+        again = thin_slab(cfg)
+        again.set_random_state(seed)
+        assert np.array_equal(np.asarray(again({"image": image.clone(), "label": label.clone()})["image"]),
+                              np.asarray(out["image"]))
+    assert len(thicknesses) > 3  # the thickness is drawn, not fixed
+    with pytest.raises(UserError, match="slab_prob"):
+        PreprocessConfig(slab_prob=1.5)
+    with pytest.raises(UserError, match="slab_mm"):
+        PreprocessConfig(slab_mm=(60.0, 30.0))

@@ -2,7 +2,7 @@
 # The bundled default model and the scratch-vs-SSL comparison behind it (Resources/Models/demo/REPRODUCE.md).
 #   scripts/default_model.sh data              # synthetic training + validation sets, SSL volume folder
 #   scripts/default_model.sh pretrain          # masked SSL on every unlabeled volume at hand
-#   scripts/default_model.sh finetune ARM SEED # ARM: scratch | ssl | demo | demo3 | demo4 | demo5 | demo6; writes runs/default-ARM-sSEED
+#   scripts/default_model.sh finetune ARM SEED # ARM: scratch | ssl | demo | demo3 | ... | demo7; writes runs/default-ARM-sSEED
 #       demo: a curriculum, continuing from the one-scan demo model (real scan only, 900 steps; the card in
 #       Resources/Models/demo at commit d30a54f, weights sha256 a7ba98d1...) at half the learning rate
 #       demo3: stage 3 of that curriculum, continuing from default-demo-s0 with 60 more synthetic CTs (seed 2),
@@ -14,6 +14,9 @@
 #       demo6: stage 3 as demo3, but its second synthetic set (seed 2, the same cases) has veins drawn inside the
 #       liver at the contrast phase's vein HU in 80% of cases (--vessel-prob 0.8): the source CT is native, so the
 #       model never saw enhanced hepatic veins
+#       demo7: stage 3 as demo3 (the same data), but half of the crops are cut to a thin axial slab (30-60 mm,
+#       --slab-prob 0.5): a 40 mm slab of scans the model segments whole lost most of their spleen
+#       (scripts/slab_check.py); 10 epochs. STAGE2=runs/stage2-demo starts it from stage 2 as committed (c64c9b5)
 #   scripts/default_model.sh postprocess ARM SEED # per organ, keep only the largest component where that raises
 #                                              # Dice on both synthetic validation sets (written into the card)
 #   scripts/default_model.sh evaluate ARM SEED # logonet segment + evaluate on the unseen DICOM series and the
@@ -47,6 +50,10 @@ case "${1:-}" in
       mkdir -p "$RUNS/stage1-demo"
       git archive d30a54f Resources/Models/demo | tar -x --strip-components=3 -C "$RUNS/stage1-demo"
     fi
+    if [ ! -f "$RUNS/stage2-demo/model.json" ]; then  # stage 2 as bundled at c64c9b5 (run default-demo-s0's card)
+      mkdir -p "$RUNS/stage2-demo"
+      git archive c64c9b5 Resources/Models/demo | tar -x --strip-components=3 -C "$RUNS/stage2-demo"
+    fi
     $LOGONET demo --prepare-data "$RUNS/default-real"                      # the sample CT, BTCV labels
     [ -f "$RUNS/default-synth/dataset.json" ] || $LOGONET synth sample "$RUNS/default-synth" --cases 60 --seed 0
     [ -f "$RUNS/default-synth2/dataset.json" ] || $LOGONET synth sample "$RUNS/default-synth2" --cases 60 --seed 2
@@ -73,11 +80,11 @@ case "${1:-}" in
       --seed 0 --progress jsonl "${resume[@]}"
     ;;
   finetune)
-    arm=${2:?scratch, ssl, demo, demo3, demo4, demo5 or demo6}; seed=${3:?seed}
-    init=(); lr=4e-3; data=("$RUNS/default-real" "$RUNS/default-synth"); repeats=(20 1); epochs=(--epochs 8 --val-every 2)
+    arm=${2:?scratch, ssl, demo, demo3, demo4, demo5, demo6 or demo7}; seed=${3:?seed}
+    init=(); extra=(); lr=4e-3; data=("$RUNS/default-real" "$RUNS/default-synth"); repeats=(20 1); epochs=(--epochs 8 --val-every 2)
     [ "$arm" = ssl ] && init=(--init "$RUNS/default-ssl/best")
     [ "$arm" = demo ] && { init=(--init "${STAGE1:-$RUNS/stage1-demo}"); lr=2e-3; }
-    if [ "$arm" = demo3 ] || [ "$arm" = demo4 ] || [ "$arm" = demo5 ] || [ "$arm" = demo6 ]; then
+    if [ "$arm" = demo3 ] || [ "$arm" = demo4 ] || [ "$arm" = demo5 ] || [ "$arm" = demo6 ] || [ "$arm" = demo7 ]; then
       init=(--init "${STAGE2:-$RUNS/default-demo-s0/best}"); lr=1e-3; NPROC=${NPROC:-2}
       repeats+=(1); epochs=(--epochs 12 --val-every 3)
       case "$arm" in
@@ -85,13 +92,14 @@ case "${1:-}" in
         demo4) data+=("$RUNS/default-synth3") ;;
         demo5) data+=("$RUNS/default-synth-mr"); epochs=(--epochs 10 --val-every 5) ;;
         demo6) data+=("$RUNS/default-synth-veins") ;;
+        demo7) data+=("$RUNS/default-synth2"); epochs=(--epochs 10 --val-every 5); extra=(--slab-prob 0.5) ;;
       esac
     fi
     out="$RUNS/default-$arm-s$seed"
     resume=(); [ -f "$out/checkpoint.pt" ] && resume=(--resume)
     launch finetune "${data[@]}" --repeats "${repeats[@]}" --val-data "$RUNS/default-synth-val" \
       --out "$out" "${COMMON[@]}" "${epochs[@]}" --warmup 1 --lr $lr --seed "$seed" \
-      --name default --fp16-weights "${init[@]}" "${resume[@]}"
+      --name default --fp16-weights "${init[@]}" "${extra[@]}" "${resume[@]}"
     ;;
   postprocess)
     $LOGONET postprocess "$RUNS/default-${2:?arm}-s${3:?seed}/best" --val-data "$RUNS/default-synth-val" \

@@ -71,6 +71,8 @@ class PreprocessConfig:
     intensity_shift: float = 0.1  # RandShiftIntensityd offsets
     intensity_prob: float = 0.1
     augment: str = "nnunet"  # AUGMENT_MODES; the *_prob fields above belong to "paper"
+    slab_prob: float = 0.0  # "nnunet": share of crops cut to a thin axial slab (a 20-slice series' field of view) ...
+    slab_mm: Tuple[float, float] = (30.0, 60.0)  # ... this thick, the rest image 0 (the window's low end) and background
     cache_dir: Optional[str] = None  # PersistentDataset folder; None = no cache
 
     def __post_init__(self) -> None:
@@ -89,7 +91,10 @@ class PreprocessConfig:
             raise UserError(f"crop_by must be one of {list(CROP_MODES)}, got {self.crop_by!r}")
         if self.pos < 0 or self.neg < 0 or self.pos + self.neg <= 0:
             raise UserError(f"pos/neg crop ratio must be non-negative and not both 0, got {self.pos}/{self.neg}")
-        for name in ("flip_prob", "rot90_prob", "intensity_prob"):
+        self.slab_mm = _float_tuple(self.slab_mm, 2, "slab_mm")
+        if not 0 < self.slab_mm[0] <= self.slab_mm[1]:
+            raise UserError(f"slab_mm must be (thinnest, thickest) with 0 < thinnest <= thickest, got {self.slab_mm}")
+        for name in ("flip_prob", "rot90_prob", "intensity_prob", "slab_prob"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise UserError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
         if self.augment not in AUGMENT_MODES:
@@ -309,7 +314,8 @@ def augmentations(cfg: PreprocessConfig, keys: Sequence[str] = KEYS) -> List[Any
 
     "nnunet": rotation (+-15 deg axial, +-8 deg otherwise) and scaling 0.8-1.25 (p 0.25), Gaussian noise (p 0.15),
     blur (p 0.2), brightness (p 0.15), HU shift of up to +-0.1 of the window (p 0.15, contrast phases), gamma
-    0.7-1.5 (p 0.3) and simulated low resolution (p 0.25): nnU-Net's defaults, minus mirroring.
+    0.7-1.5 (p 0.3) and simulated low resolution (p 0.25): nnU-Net's defaults, minus mirroring. Then, with
+    ``cfg.slab_prob``, a thin axial field of view (:func:`thin_slab`).
     """
     from monai import transforms as mt
 
@@ -332,7 +338,20 @@ def augmentations(cfg: PreprocessConfig, keys: Sequence[str] = KEYS) -> List[Any
         mt.RandShiftIntensityd(keys="image", offsets=0.1, prob=0.15),
         mt.RandAdjustContrastd(keys="image", prob=0.3, gamma=(0.7, 1.5)),
         mt.RandSimulateLowResolutiond(keys=keys if not has_label else "image", prob=0.25, zoom_range=(0.5, 1.0)),
-    ]
+    ] + ([thin_slab(cfg, keys)] if cfg.slab_prob > 0 else [])
+
+
+def thin_slab(cfg: PreprocessConfig, keys: Sequence[str] = KEYS) -> Any:
+    """With ``cfg.slab_prob``, keep one axial slab ``cfg.slab_mm`` thick (at ``cfg.spacing``'s z) of a crop and
+    set the rest to 0: image 0 is the window's low end, which is what inference pads a thin series with, and
+    label 0 is background. A model that sees only whole-body crops loses the spleen when the same scan comes
+    as a 40 mm slab (``scripts/slab_check.py``). MONAI's RandCoarseDropoutd with one kept hole, full in-plane."""
+    from monai import transforms as mt
+
+    thinnest, thickest = (max(1, int(round(mm / cfg.spacing[2]))) for mm in cfg.slab_mm)
+    return mt.RandCoarseDropoutd(keys=list(keys), holes=1, spatial_size=(-1, -1, thinnest),
+                                 max_spatial_size=(-1, -1, thickest), dropout_holes=False, fill_value=0.0,
+                                 prob=cfg.slab_prob)
 
 
 def val_transforms(cfg: PreprocessConfig, keys: Sequence[str] = KEYS,

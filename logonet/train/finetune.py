@@ -38,6 +38,7 @@ class FinetuneConfig(TrainingConfig):
     val_every: int = 1
     overlap: float = 0.5
     augment: str = "nnunet"
+    slab_prob: float = 0.0
     fp16_weights: bool = False
 
 
@@ -71,6 +72,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="training augmentation: nnunet (default: rotation, scaling, noise, blur, brightness, "
                              "gamma, low resolution; no mirroring), paper (flips, rot90, intensity jitter), none")
     parser.add_argument("--no-augment", action="store_true", help="same as --augment none")
+    parser.add_argument("--slab-prob", type=float, default=0.0,
+                        help="with --augment nnunet: share of crops cut to a thin axial slab (30-60 mm, the rest "
+                             "padding), as a 20-slice series is (default 0)")
     parser.add_argument("--fp16-weights", action="store_true", help="store the model cards' weights in fp16")
 
 
@@ -255,7 +259,7 @@ def finetune(config: FinetuneConfig) -> int:
     cases = gather_cases(config)
     n_classes = len(cases.values) + 1
     entries = label_entries(cases.names, cases.values)
-    cfg = session.preprocessing("btcv", crop_by=config.crop_by, augment=config.augment)
+    cfg = session.preprocessing("btcv", crop_by=config.crop_by, augment=config.augment, slab_prob=config.slab_prob)
     architecture = session.architecture(n_classes)
     with session.running() as run:
         run.reporter.emit("stage", stage="data", train_cases=len(cases.train), val_cases=len(cases.val),
