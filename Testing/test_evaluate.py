@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,3 +64,32 @@ def test_cli_bad_input(tmp_path, capsys):
     assert cli.main(["evaluate", str(tmp_path / "empty.nrrd"), str(tmp_path / "empty.nrrd"),
                      "--labels", "kidneyish"]) == 2
     assert "unknown label" in capsys.readouterr().err
+
+
+def test_slab_check_cuts_the_slab_at_the_largest_spleen_slice_and_scores_both_ways(tmp_path):
+    """scripts/slab_check.py (the thin-slab arm's selection figure): the slab is centred on the slice where the
+    spleen is largest and holds slab_mm of slices; the per-case CSV has the whole-scan and slab Dice."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("slab_check", root / "scripts" / "slab_check.py")
+    slab_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(slab_check)
+    label = np.zeros((40, 8, 8), dtype=np.int16)
+    label[5:30, 2:6, 2:6] = 1
+    label[22, :, :] = 1  # the largest spleen slice
+    assert slab_check.spleen_slab(label, 3.0, 40.0) == (15, 30)  # 7 slices either side of slice 22 at 3 mm
+    assert slab_check.spleen_slab(label, 3.0, 400.0) == (0, 40)  # clipped to the volume
+    image = sitk.GetImageFromArray(np.where(label > 0, 120.0, 0.0).astype(np.float32))
+    image.SetSpacing((3.0, 3.0, 3.0))
+    labels = sitk.GetImageFromArray(label)
+    labels.CopyInformation(image)
+    sitk.WriteImage(image, str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(labels, str(tmp_path / "ct_labels.nii.gz"))
+    assert slab_check.main([str(root / "Resources" / "Models" / "demo"), "--pair",
+                            f"{tmp_path / 'ct.nii.gz'}:{tmp_path / 'ct_labels.nii.gz'}",
+                            "--csv", str(tmp_path / "slabs.csv")]) == 0
+    rows = (tmp_path / "slabs.csv").read_text().splitlines()
+    assert rows[0].split(",") == ["case", "slices", "whole_spleen", "whole_liver", "slab_spleen", "slab_liver",
+                                  "whole_mean", "slab_mean"]
+    assert rows[1].split(",")[1] == "15" and len(rows) == 2

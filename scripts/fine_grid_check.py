@@ -11,7 +11,6 @@ Never reads a test scan: this is how the anti-aliasing default was chosen (REPRO
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -32,6 +31,7 @@ def fine_grid(image: sitk.Image) -> sitk.Image:
 
 def main(argv: list[str] | None = None) -> int:
     from logonet.evaluate import score
+    from logonet.bench.common import write_csv
     from logonet.infer import Predictor
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -66,10 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "antialias": antialias, "mean_dice": round(float(np.nanmean(dice)), 4)})
                     print(*rows[-1].values(), flush=True)
     if args.csv:
-        with open(args.csv, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(rows, list(rows[0]), Path(args.csv))
     print("\n| noise (HU, at 1x1x2 mm) | anti-aliasing off | on | cases |\n|---|---|---|---|")
     for noise in noise_levels:
         means = [np.mean([r["mean_dice"] for r in rows if r["noise_hu"] == noise and r["antialias"] == a])

@@ -11,7 +11,6 @@ the same slices. This is the selection figure of the thin-slab arm (REPRODUCE.md
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -37,7 +36,14 @@ def mean_dice(pred: np.ndarray, ref: np.ndarray, values: List[int], spacing: Tup
     return {row["value"]: row["dice"] for row in score(pred, ref, present, spacing, hausdorff=False)}
 
 
+def mean_of_scored(values: List[float]) -> float:
+    """Mean over the cases where the organ was scored (NaN: absent from the slab), NaN if none was."""
+    scored = [v for v in values if np.isfinite(v)]
+    return float(np.mean(scored)) if scored else float("nan")
+
+
 def main(argv: List[str] | None = None) -> int:
+    from logonet.bench.common import write_csv
     from logonet.infer import Predictor
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -69,16 +75,13 @@ def main(argv: List[str] | None = None) -> int:
                      **{f"{name}_mean": round(float(np.nanmean(list(s.values()))), 4) for name, s in scores.items()}})
         print(*rows[-1].values(), flush=True)
     if args.csv:
-        with open(args.csv, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(rows, list(rows[0]), Path(args.csv))
     synthetic = [r for r in rows if "synth" in r["case"]]
     print(f"\n| cases | whole scan, same slices | {args.slab_mm:g} mm slab | slab: spleen | slab: liver |\n|---|---|---|---|---|")
     for name, group in (("synthetic validation", synthetic), ("other", [r for r in rows if r not in synthetic])):
         if group:
             print(f"| {name} ({len(group)}) | " + " | ".join(
-                f"{np.nanmean([r[key] for r in group]):.3f}"
+                f"{mean_of_scored([r[key] for r in group]):.3f}"
                 for key in ("whole_mean", "slab_mean", "slab_spleen", "slab_liver")) + " |")
     return 0
 
