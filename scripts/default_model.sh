@@ -24,6 +24,8 @@
 #   scripts/default_model.sh synthval MODEL [SET] # mean Dice of a model card on a synthetic validation set
 #                                              # (default-synth-val, or default-synth-val2 with resized organs): the
 #                                              # selection figure; same segment + evaluate as for real scans
+#   scripts/default_model.sh slabcheck MODEL   # mean Dice on 40 mm slabs of the 12 synthetic validation CTs (and the
+#                                              # training scan), next to the whole-scan prediction (scripts/slab_check.py)
 #   scripts/default_model.sh table             # both arms' per-organ tables (markdown) from those CSVs
 # Every stage is resumable: run the same line again after an interruption.
 # Never trained on nor used to choose anything: the sample's DICOM series and aorta_report scan (the unseen
@@ -122,6 +124,11 @@ case "${1:-}" in
       $LOGONET evaluate "$seg" "$RUNS/$val/labelsTr/$(basename "$seg")" --no-hausdorff --csv "${seg%.nii.gz}.csv" >/dev/null
     done
     ${PYTHON:-.venv/bin/python} scripts/arm_table.py --synthval "$out"
+    ;;
+  slabcheck)
+    SAMPLE=${SAMPLE:-$HOME/.cache/logonet/sample}
+    ${PYTHON:-.venv/bin/python} scripts/slab_check.py "${2:?model card folder}" "$RUNS/default-synth-val" \
+      "$RUNS/default-synth-val2" --pair "$SAMPLE/example_ct.nii.gz:$SAMPLE/example_ct_btcv.nii.gz"
     ;;
   table)
     ${PYTHON:-.venv/bin/python} scripts/arm_table.py "$RUNS"
