@@ -118,7 +118,10 @@ case "${1:-}" in
     score "$SAMPLE/example_ct.nii.gz" "$SAMPLE/example_ct_btcv.nii.gz" training
     ;;
   synthval)
-    model=${2:?model card folder}; val=${3:-default-synth-val}; out="$model/../${val#default-}-$(basename "$model")"
+    # outputs under $RUNS/synthval, never beside the card (the bundled card's folder is in the repository)
+    model=${2:?model card folder}; val=${3:-default-synth-val}
+    out="$RUNS/synthval/$(realpath --relative-to=. "$model" | tr / _)-${val#default-}"
+    mkdir -p "$out"
     $LOGONET segment "$RUNS/$val/imagesTr" "$out" --model "$model" >/dev/null
     for seg in "$out"/*.nii.gz; do
       $LOGONET evaluate "$seg" "$RUNS/$val/labelsTr/$(basename "$seg")" --no-hausdorff --csv "${seg%.nii.gz}.csv" >/dev/null
