@@ -624,6 +624,27 @@ def test_warnings_reach_stderr_off_a_terminal(tmp_path, card, capsys):
     assert "warning: the lowest value is 0" in capsys.readouterr().err
 
 
+def test_a_thin_slab_is_segmented_with_a_field_of_view_warning(tmp_path, card, capsys):
+    """A scan that covers little of the body's long axis (12 slices of 2 mm) is segmented, with a warning that
+    names its extent; 12 slices of 10 mm (120 mm) get none. The extent is taken along the image axis closest to
+    head-feet, whatever the axis order."""
+    from logonet.infer import body_axis_extent_mm
+
+    thin = tmp_path / "thin.nii.gz"
+    volumes.write_image(ct_image(), thin)
+    assert cli.main(seg(tmp_path, card, thin, tmp_path / "o.nii.gz")) == 0
+    assert "warning: the scan covers only 24 mm along the body axis" in capsys.readouterr().err
+    long = tmp_path / "long.nii.gz"
+    volumes.write_image(ct_image(spacing=(1.5, 1.5, 10.0)), long)
+    assert cli.main(seg(tmp_path, card, long, tmp_path / "o2.nii.gz")) == 0
+    assert "covers only" not in capsys.readouterr().err
+    image = sitk.Image([100, 20, 10], sitk.sitkInt16)
+    image.SetSpacing((1.0, 2.0, 5.0))
+    assert body_axis_extent_mm(image) == 50.0
+    image.SetDirection((0, 1, 0, 0, 0, 1, 1, 0, 0))  # image axis 0 runs head-feet (LPS z)
+    assert body_axis_extent_mm(image) == 100.0
+
+
 def test_stale_temps_of_dead_processes_are_cleaned_live_ones_kept(tmp_path):
     from logonet.atomic import clean_stale_temps
 
