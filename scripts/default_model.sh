@@ -17,6 +17,8 @@
 #       demo7: stage 3 as demo3 (the same data), but half of the crops are cut to a thin axial slab (30-60 mm,
 #       --slab-prob 0.5): a 40 mm slab of scans the model segments whole lost most of their spleen
 #       (scripts/slab_check.py); 10 epochs. STAGE2=runs/stage2-demo starts it from stage 2 as committed (c64c9b5)
+#       demo8: stage 3 as demo3 plus 20 synthetic CTs of the MR patient's anatomy (1 case in 8: demo5's half cost
+#       the training anatomy), 8 epochs
 #   scripts/default_model.sh postprocess ARM SEED # per organ, keep only the largest component where that raises
 #                                              # Dice on both synthetic validation sets (written into the card)
 #   scripts/default_model.sh evaluate ARM SEED # logonet segment + evaluate on the unseen DICOM series and the
@@ -63,6 +65,8 @@ case "${1:-}" in
       --organ-resize-prob 0.5 --slab-prob 0.5
     [ -f "$RUNS/default-synth-mr/dataset.json" ] || $LOGONET synth sample-mr "$RUNS/default-synth-mr" --cases 60 \
       --seed 5
+    [ -f "$RUNS/default-synth-mr20/dataset.json" ] || $LOGONET synth sample-mr "$RUNS/default-synth-mr20" --cases 20 \
+      --seed 5  # the first 20 of default-synth-mr's cases: a second anatomy at a small share (demo8)
     [ -f "$RUNS/default-synth-veins/dataset.json" ] || $LOGONET synth sample "$RUNS/default-synth-veins" --cases 60 \
       --seed 2 --vessel-prob 0.8
     [ -f "$RUNS/default-synth-val/dataset.json" ] || $LOGONET synth sample "$RUNS/default-synth-val" --cases 6 --seed 1
@@ -82,11 +86,12 @@ case "${1:-}" in
       --seed 0 --progress jsonl "${resume[@]}"
     ;;
   finetune)
-    arm=${2:?scratch, ssl, demo, demo3, demo4, demo5, demo6 or demo7}; seed=${3:?seed}
+    arm=${2:?scratch, ssl, demo, demo3 ... demo8}; seed=${3:?seed}
     init=(); extra=(); lr=4e-3; data=("$RUNS/default-real" "$RUNS/default-synth"); repeats=(20 1); epochs=(--epochs 8 --val-every 2)
     [ "$arm" = ssl ] && init=(--init "$RUNS/default-ssl/best")
     [ "$arm" = demo ] && { init=(--init "${STAGE1:-$RUNS/stage1-demo}"); lr=2e-3; }
-    if [ "$arm" = demo3 ] || [ "$arm" = demo4 ] || [ "$arm" = demo5 ] || [ "$arm" = demo6 ] || [ "$arm" = demo7 ]; then
+    if [ "$arm" = demo3 ] || [ "$arm" = demo4 ] || [ "$arm" = demo5 ] || [ "$arm" = demo6 ] || [ "$arm" = demo7 ] || \
+       [ "$arm" = demo8 ]; then
       init=(--init "${STAGE2:-$RUNS/default-demo-s0/best}"); lr=1e-3; NPROC=${NPROC:-2}
       repeats+=(1); epochs=(--epochs 12 --val-every 3)
       case "$arm" in
@@ -95,6 +100,7 @@ case "${1:-}" in
         demo5) data+=("$RUNS/default-synth-mr"); epochs=(--epochs 10 --val-every 5) ;;
         demo6) data+=("$RUNS/default-synth-veins") ;;
         demo7) data+=("$RUNS/default-synth2"); epochs=(--epochs 10 --val-every 5); extra=(--slab-prob 0.5) ;;
+        demo8) data+=("$RUNS/default-synth2" "$RUNS/default-synth-mr20"); repeats+=(1); epochs=(--epochs 8 --val-every 4) ;;
       esac
     fi
     out="$RUNS/default-$arm-s$seed"
