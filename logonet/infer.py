@@ -86,10 +86,10 @@ THIN_FIELD_OF_VIEW_MM = 80.0
 
 
 def body_axis_extent_mm(image: Any) -> float:
-    """The physical length of ``image`` along the image axis closest to the body's long (head-feet) axis."""
-    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)  # columns: the image axes in LPS
-    axis = int(np.argmax(np.abs(direction[2])))
-    return float(image.GetSize()[axis] * image.GetSpacing()[axis])
+    """The physical length of ``image`` along the voxel axis that becomes the head-feet axis when inference
+    reorients it (:func:`voxel_axes_in_world`); the shortest side if no axis does (a 45-degree tie)."""
+    axes = voxel_axes_in_world(image)
+    return next((extent for world, extent in axes if world == 2), min(extent for _, extent in axes))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -165,14 +165,18 @@ def available_memory() -> int:
     return int(psutil.virtual_memory().available)
 
 
+def voxel_axes_in_world(image: Any) -> List[Tuple[int, float]]:
+    """Per voxel axis of ``image``: the world axis (0 x, 1 y, 2 head-feet) it becomes after reorientation, and
+    its physical length in mm."""
+    direction = np.abs(np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3))
+    return [(int(direction[:, axis].argmax()), float(image.GetSize()[axis] * image.GetSpacing()[axis]))
+            for axis in range(3)]
+
+
 def resampled_shape(image: Any, spacing: Sequence[float], roi: Sequence[int]) -> Tuple[int, int, int]:
     """The grid an image gets at the card's ``spacing`` (RAS axes), padded to the window: what inference allocates."""
-    direction = np.abs(np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3))
-    shape = []
-    for axis in range(3):
-        world = int(direction[:, axis].argmax())  # the RAS axis this voxel axis becomes after reorientation
-        extent = image.GetSize()[axis] * image.GetSpacing()[axis]
-        shape.append((world, max(int(math.ceil(extent / float(spacing[world]))), int(roi[world]))))
+    shape = [(world, max(int(math.ceil(extent / float(spacing[world]))), int(roi[world])))
+             for world, extent in voxel_axes_in_world(image)]
     return tuple(n for _, n in sorted(shape))  # type: ignore[return-value]
 
 

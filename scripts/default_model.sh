@@ -2,7 +2,7 @@
 # The bundled default model and the scratch-vs-SSL comparison behind it (Resources/Models/demo/REPRODUCE.md).
 #   scripts/default_model.sh data              # synthetic training + validation sets, SSL volume folder
 #   scripts/default_model.sh pretrain          # masked SSL on every unlabeled volume at hand
-#   scripts/default_model.sh finetune ARM SEED # ARM: scratch | ssl | demo | demo3 | ... | demo7; writes runs/default-ARM-sSEED
+#   scripts/default_model.sh finetune ARM SEED # ARM: scratch | ssl | demo | demo3 ... demo8; writes runs/default-ARM-sSEED
 #       demo: a curriculum, continuing from the one-scan demo model (real scan only, 900 steps; the card in
 #       Resources/Models/demo at commit d30a54f, weights sha256 a7ba98d1...) at half the learning rate
 #       demo3: stage 3 of that curriculum, continuing from default-demo-s0 with 60 more synthetic CTs (seed 2),
@@ -90,8 +90,7 @@ case "${1:-}" in
     init=(); extra=(); lr=4e-3; data=("$RUNS/default-real" "$RUNS/default-synth"); repeats=(20 1); epochs=(--epochs 8 --val-every 2)
     [ "$arm" = ssl ] && init=(--init "$RUNS/default-ssl/best")
     [ "$arm" = demo ] && { init=(--init "${STAGE1:-$RUNS/stage1-demo}"); lr=2e-3; }
-    if [ "$arm" = demo3 ] || [ "$arm" = demo4 ] || [ "$arm" = demo5 ] || [ "$arm" = demo6 ] || [ "$arm" = demo7 ] || \
-       [ "$arm" = demo8 ]; then
+    if [[ "$arm" == demo[3-8] ]]; then  # the stage-3 arms
       init=(--init "${STAGE2:-$RUNS/default-demo-s0/best}"); lr=1e-3; NPROC=${NPROC:-2}
       repeats+=(1); epochs=(--epochs 12 --val-every 3)
       case "$arm" in

@@ -18,8 +18,9 @@ from typing import Dict, List, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-SPLEEN = 1
-LIVER = 6
+from logonet.data.labels import BTCV_NAMES
+
+SPLEEN, LIVER = ({name: value for value, name in BTCV_NAMES.items()}[organ] for organ in ("spleen", "liver"))
 
 
 def spleen_slab(label: np.ndarray, spacing_z: float, slab_mm: float) -> Tuple[int, int]:
@@ -29,10 +30,11 @@ def spleen_slab(label: np.ndarray, spacing_z: float, slab_mm: float) -> Tuple[in
     return max(0, centre - half), min(label.shape[0], centre + half + 1)
 
 
-def mean_dice(pred: np.ndarray, ref: np.ndarray, values: List[int], spacing: Tuple[float, ...]) -> Dict[int, float]:
+def organ_dice(pred: np.ndarray, ref: np.ndarray, values: List[int], spacing: Tuple[float, ...]) -> Dict[int, float]:
+    """Dice per organ value present in ``ref`` (organs the slab does not hold are not scored)."""
     from logonet.evaluate import score
 
-    present = [v for v in values if (ref == v).any()]  # organs the slab holds; absent ones are not scored
+    present = [v for v in values if (ref == v).any()]
     return {row["value"]: row["dice"] for row in score(pred, ref, present, spacing, hausdorff=False)}
 
 
@@ -68,7 +70,7 @@ def main(argv: List[str] | None = None) -> int:
         whole = sitk.GetArrayFromImage(predictor.predict(image)[0])[first:stop]
         slab = sitk.GetArrayFromImage(predictor.predict(image[:, :, first:stop])[0])
         reference = label[first:stop]
-        scores = {name: mean_dice(pred, reference, values, spacing) for name, pred in (("whole", whole), ("slab", slab))}
+        scores = {name: organ_dice(pred, reference, values, spacing) for name, pred in (("whole", whole), ("slab", slab))}
         rows.append({"case": f"{Path(image_path).parent.parent.name}/{Path(image_path).name}", "slices": stop - first,
                      **{f"{name}_{organ}": round(s.get(value, float("nan")), 4)
                         for name, s in scores.items() for organ, value in (("spleen", SPLEEN), ("liver", LIVER))},
